@@ -1,0 +1,1 @@
+//! The client library (being written).

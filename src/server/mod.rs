@@ -1,0 +1,1 @@
+//! The thread-per-stream grpcio server (being written).
