@@ -1,1 +1,136 @@
-fn main() {}
+//! `chat-server`: the grpc-chat server command.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use grpc_chat::core::{BrokerConfig, Limits, RateLimit};
+use grpc_chat::server::{ChatServer, ServerConfig};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+/// A real-time chat server over gRPC (chat.v1.Chat and grpc.health.v1.Health).
+///
+/// Logs go to stderr; set RUST_LOG=info (joins and leaves) or RUST_LOG=debug (every
+/// message and its number of recipients). SIGINT or SIGTERM shuts down gracefully.
+#[derive(Parser, Debug)]
+#[command(name = "chat-server", version)]
+struct Args {
+    /// Address to listen on (use 0.0.0.0:50051 or [::]:50051 to accept remote clients).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: String,
+    /// Messages retained per room and replayed to joining or resuming members.
+    #[arg(long, default_value_t = 500)]
+    history: usize,
+    /// Most concurrent Chat and Subscribe streams; past it, RESOURCE_EXHAUSTED at once.
+    #[arg(long, default_value_t = 10_000)]
+    max_streams: usize,
+    /// Events queued per stream before that member counts as too slow and is cut off.
+    #[arg(long, default_value_t = 1024)]
+    queue: usize,
+    /// Posts per second allowed per session, sustained (0 disables rate limiting).
+    #[arg(long, default_value_t = 20.0)]
+    rate_limit: f64,
+    /// Posts a session may make in a burst.
+    #[arg(long, default_value_t = 50)]
+    burst: u32,
+    /// Above this many members a room sends no join/leave presence (ListMembers instead).
+    #[arg(long, default_value_t = 256)]
+    presence_limit: usize,
+    /// Longest message text, in bytes (the gRPC receive limit is set 1 KiB above it).
+    #[arg(long, default_value_t = 4096)]
+    max_text_bytes: usize,
+    /// Longest user name, in characters.
+    #[arg(long, default_value_t = 32)]
+    max_user_chars: usize,
+    /// Most rooms the server holds (idle rooms are evicted first).
+    #[arg(long, default_value_t = 10_000)]
+    max_rooms: usize,
+    /// Most sessions the server holds.
+    #[arg(long, default_value_t = 100_000)]
+    max_sessions: usize,
+    /// Seconds a session whose stream dropped stays reserved for a resume.
+    #[arg(long, default_value_t = 15.0)]
+    resume_grace: f64,
+    /// Seconds a session opened by Join may stay without attaching a stream.
+    #[arg(long, default_value_t = 30.0)]
+    attach_timeout: f64,
+    /// Seconds shutdown waits for streams to take their notice.
+    #[arg(long, default_value_t = 5.0)]
+    shutdown_grace: f64,
+    /// Stack size of each stream thread, in KiB.
+    #[arg(long, default_value_t = 128)]
+    stack_kib: usize,
+}
+
+fn seconds(s: f64, flag: &str) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(s).map_err(|_| format!("--{flag} must be a non-negative number of seconds"))
+}
+
+fn config(args: &Args) -> Result<ServerConfig, String> {
+    if args.history == 0 {
+        return Err("--history must be at least 1".into());
+    }
+    let rate_limit = if args.rate_limit > 0.0 {
+        Some(RateLimit { per_second: args.rate_limit, burst: args.burst.max(1) })
+    } else {
+        None
+    };
+    let broker = BrokerConfig {
+        limits: Limits {
+            max_user_chars: args.max_user_chars,
+            max_text_bytes: args.max_text_bytes,
+            ..Limits::default()
+        },
+        history_limit: args.history,
+        resume_grace: seconds(args.resume_grace, "resume-grace")?,
+        attach_timeout: seconds(args.attach_timeout, "attach-timeout")?,
+        presence_limit: args.presence_limit,
+        rate_limit,
+        max_rooms: args.max_rooms,
+        max_sessions: args.max_sessions,
+        ..BrokerConfig::default()
+    };
+    Ok(ServerConfig {
+        listen: args.listen.clone(),
+        broker,
+        max_streams: args.max_streams,
+        queue_capacity: args.queue.max(1),
+        stream_stack_size: args.stack_kib.max(64) * 1024,
+        shutdown_grace: seconds(args.shutdown_grace, "shutdown-grace")?,
+        ..ServerConfig::default()
+    })
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    let config = match config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("chat-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("chat-server: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let server = match ChatServer::start(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("chat-server: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The line scripts wait for; it carries the bound port.
+    println!("chat-server listening on {}", server.addr());
+    if let Some(signal) = signals.forever().next() {
+        log::info!("received signal {signal}; shutting down");
+    }
+    server.shutdown();
+    ExitCode::SUCCESS
+}

@@ -1,1 +1,196 @@
-//! The thread-per-stream grpcio server (being written).
+//! The thread-per-stream grpcio server: a thin pump between gRPC calls and the core.
+//!
+//! - [`hub`]: the broker behind one lock; outputs routed into per-stream queues in the
+//!   order the core emitted them; the timer thread.
+//! - [`stream`]: one thread per `Chat`/`Subscribe` stream, reading frames and writing
+//!   everything queued as one batch per write.
+//! - [`service`]: method descriptors and handlers (never blocking a completion queue).
+//! - [`encode`]: the only file naming both core and protobuf types; each event is
+//!   encoded once and the same bytes go to every recipient.
+
+pub mod encode;
+pub mod hub;
+pub mod service;
+pub mod stream;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use grpcio::{ChannelBuilder, EnvBuilder, Environment, Server, ServerBuilder, ServerCredentials};
+use grpcio_health::proto::ServingStatus;
+use grpcio_health::HealthService;
+use log::info;
+
+use crate::core::{Broker, BrokerConfig, Input};
+use hub::Hub;
+use service::{ChatService, StreamLimit};
+
+/// Everything the server can be configured with. `Default` gives the documented
+/// defaults (DESIGN.md section 5).
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Address to listen on, `host:port` (port 0 picks a free one).
+    pub listen: String,
+    /// The core's policies: limits, history, grace periods, rate limit.
+    pub broker: BrokerConfig,
+    /// Most concurrent `Chat` + `Subscribe` streams; past it, `RESOURCE_EXHAUSTED` at once.
+    pub max_streams: usize,
+    /// Events queued per stream before it counts as too slow.
+    pub queue_capacity: usize,
+    /// Stack size of each stream thread, in bytes.
+    pub stream_stack_size: usize,
+    /// gRPC receive limit in bytes; `None` = the text limit plus 1 KiB for framing.
+    pub max_receive_bytes: Option<usize>,
+    /// Interval of HTTP/2 keepalive pings, which find dead peers of idle streams.
+    pub keepalive_time: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is dropped.
+    pub keepalive_timeout: Duration,
+    /// How long shutdown waits for streams to take their notice and status.
+    pub shutdown_grace: Duration,
+    /// Number of grpcio completion-queue threads.
+    pub cq_count: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:50051".into(),
+            broker: BrokerConfig::default(),
+            max_streams: 10_000,
+            queue_capacity: 1024,
+            stream_stack_size: 128 * 1024,
+            max_receive_bytes: None,
+            keepalive_time: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
+            cq_count: 2,
+        }
+    }
+}
+
+/// Counters of a running server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Streams open now (threads running).
+    pub streams: usize,
+    /// Sessions held by the core.
+    pub sessions: usize,
+}
+
+/// A running chat server. Dropping it shuts it down like [`ChatServer::shutdown`].
+pub struct ChatServer {
+    server: Option<Server>,
+    hub: Arc<Hub>,
+    limit: Arc<StreamLimit>,
+    health: HealthService,
+    addr: String,
+    grace: Duration,
+    _env: Arc<Environment>,
+}
+
+impl ChatServer {
+    /// Binds `config.listen` and starts serving `chat.v1.Chat` and `grpc.health.v1.Health`.
+    pub fn start(config: ServerConfig) -> std::io::Result<ChatServer> {
+        let io_err = |e: grpcio::Error| std::io::Error::other(e.to_string());
+        let env = Arc::new(EnvBuilder::new().cq_count(config.cq_count.max(1)).name_prefix("grpc-cq").build());
+        let mut seed = [0u8; 8];
+        getrandom::getrandom(&mut seed).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let broker = Broker::new(config.broker.clone(), u64::from_le_bytes(seed));
+        let hub = Hub::start(broker, config.queue_capacity)?;
+        let limit = StreamLimit::new(config.max_streams);
+        let service =
+            ChatService::new(Arc::clone(&hub), Arc::clone(&limit), config.stream_stack_size).build();
+        let health = HealthService::default();
+        health.set_serving_status("", ServingStatus::Serving);
+        health.set_serving_status("chat.v1.Chat", ServingStatus::Serving);
+
+        let receive = config.max_receive_bytes.unwrap_or(config.broker.limits.max_text_bytes + 1024);
+        let args = ChannelBuilder::new(Arc::clone(&env))
+            .max_receive_message_len(i32::try_from(receive).unwrap_or(i32::MAX))
+            .keepalive_time(config.keepalive_time)
+            .keepalive_timeout(config.keepalive_timeout)
+            .build_args();
+        let mut server = ServerBuilder::new(Arc::clone(&env))
+            .channel_args(args)
+            .register_service(service)
+            .register_service(grpcio_health::create_health(health.clone()))
+            .build()
+            .map_err(io_err)?;
+        let port = server.add_listening_port(config.listen.as_str(), ServerCredentials::insecure()).map_err(
+            |e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("cannot listen on {}: {e}", config.listen),
+                )
+            },
+        )?;
+        server.start();
+        let host = config.listen.rsplit_once(':').map_or(config.listen.as_str(), |(h, _)| h);
+        let addr = format!("{host}:{port}");
+        info!("chat server listening on {addr}");
+        Ok(ChatServer {
+            server: Some(server),
+            hub,
+            limit,
+            health,
+            addr,
+            grace: config.shutdown_grace,
+            _env: env,
+        })
+    }
+
+    /// The address clients connect to, with the bound port (`127.0.0.1:PORT`).
+    pub fn addr(&self) -> String {
+        self.addr.clone()
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(0)
+    }
+
+    /// Open streams and live sessions.
+    pub fn stats(&self) -> ServerStats {
+        ServerStats { streams: self.limit.open(), sessions: self.hub.read(|b| b.session_count()) }
+    }
+
+    /// Closes every open stream as if it were too slow (`RESOURCE_EXHAUSTED`), keeping
+    /// the sessions for a resume: what a client sees when its connection is cut. Meant
+    /// for tests and operators.
+    pub fn drop_all_streams(&self) {
+        let conns = self.hub.open_conns();
+        for conn in conns {
+            let _ = self.hub.input(Input::Lagging { conn });
+        }
+    }
+
+    /// Graceful shutdown: health turns NOT_SERVING, new calls are refused with
+    /// `UNAVAILABLE`, every stream receives a notice and ends with `UNAVAILABLE`, and
+    /// the call returns once all streams ended or the grace period passed.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let Some(mut server) = self.server.take() else { return };
+        info!("shutting down: notifying {} streams", self.limit.open());
+        self.health.set_serving_status("", ServingStatus::NotServing);
+        self.health.set_serving_status("chat.v1.Chat", ServingStatus::NotServing);
+        let _ = self.hub.input(Input::Shutdown { notice: "server shutting down".into() });
+        let deadline = Instant::now() + self.grace;
+        while self.limit.open() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let done = server.shutdown();
+        server.cancel_all_calls();
+        let _ = futures::executor::block_on(done);
+        self.health.shutdown();
+        info!("server stopped");
+    }
+}
+
+impl Drop for ChatServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,268 @@
+//! The hub: the broker behind one lock, the routing table of stream queues, and the
+//! timer thread. Outputs are routed while the lock that produced them is held, so every
+//! queue receives events in the order the core emitted them.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender};
+use log::{debug, info, warn};
+use parking_lot::Mutex;
+
+use super::encode::{self, Encoded};
+use crate::core::{Accepted, Broker, Close, ConnId, Input, Output, Rejection};
+
+/// Largest batch the writer or a backlog replay puts in one gRPC message.
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// What a stream's thread shares with the router.
+pub struct StreamShared {
+    conn: ConnId,
+    queue: Sender<Encoded>,
+    capacity: usize,
+    /// Set by the router when the core closes the stream.
+    close: Mutex<Option<Close>>,
+    thread: Thread,
+    /// The thread is parked waiting for queue items or a close (not for a write).
+    idle: AtomicBool,
+    /// A delivery did not fit: drop everything after it.
+    lagged: AtomicBool,
+}
+
+impl StreamShared {
+    /// The stream's id in the core.
+    pub fn conn(&self) -> ConnId {
+        self.conn
+    }
+
+    /// Takes the close command, if the core gave one.
+    pub fn take_close(&self) -> Option<Close> {
+        self.close.lock().take()
+    }
+
+    /// True if a close is waiting.
+    pub fn close_pending(&self) -> bool {
+        self.close.lock().is_some()
+    }
+
+    /// Marks the thread idle before parking. Returns the previous value.
+    pub fn set_idle(&self, idle: bool) {
+        self.idle.store(idle, Ordering::SeqCst);
+    }
+
+    fn wake_if_idle(&self) {
+        if self.idle.swap(false, Ordering::SeqCst) {
+            self.thread.unpark();
+        }
+    }
+}
+
+struct State {
+    broker: Broker,
+    routes: HashMap<ConnId, Arc<StreamShared>>,
+    /// The deadline the timer thread currently sleeps until.
+    timer_deadline: Option<Instant>,
+}
+
+/// The shared broker and routing table.
+pub struct Hub {
+    state: Mutex<State>,
+    queue_capacity: usize,
+    timer_kick: Sender<()>,
+}
+
+/// Streams whose threads must be woken once the lock is released.
+pub type Wakes = Vec<Arc<StreamShared>>;
+
+impl Hub {
+    /// A hub around `broker`, with its timer thread started.
+    pub fn start(broker: Broker, queue_capacity: usize) -> std::io::Result<Arc<Hub>> {
+        let (timer_kick, kicks) = crossbeam_channel::bounded(1);
+        let hub = Arc::new(Hub {
+            state: Mutex::new(State { broker, routes: HashMap::new(), timer_deadline: None }),
+            queue_capacity,
+            timer_kick,
+        });
+        let weak = Arc::downgrade(&hub);
+        thread::Builder::new()
+            .name("chat-timers".into())
+            .stack_size(256 * 1024)
+            .spawn(move || run_timers(weak, kicks))?;
+        Ok(hub)
+    }
+
+    /// Feeds one input, routes every output in order, and returns the result. Threads
+    /// that must wake are woken after the lock is released.
+    pub fn input(&self, input: Input) -> Result<Accepted, Rejection> {
+        let mut wakes = Vec::new();
+        let result = {
+            let mut state = self.state.lock();
+            let result = state.broker.handle_input(Instant::now(), input);
+            self.route(&mut state, &mut wakes);
+            result
+        };
+        for w in wakes {
+            w.wake_if_idle();
+        }
+        result
+    }
+
+    /// Registers a new stream: the core numbers it and its queue is added to the
+    /// routing table before anything can be routed to it.
+    pub fn open_stream(&self) -> Result<(Arc<StreamShared>, Receiver<Encoded>), Rejection> {
+        let mut state = self.state.lock();
+        let conn = match state.broker.handle_input(Instant::now(), Input::Open)? {
+            Accepted::Opened(conn) => conn,
+            other => unreachable!("Open is answered with Opened, not {other:?}"),
+        };
+        let (queue, rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(StreamShared {
+            conn,
+            queue,
+            capacity: self.queue_capacity,
+            close: Mutex::new(None),
+            thread: thread::current(),
+            idle: AtomicBool::new(false),
+            lagged: AtomicBool::new(false),
+        });
+        state.routes.insert(conn, Arc::clone(&shared));
+        Ok((shared, rx))
+    }
+
+    /// The stream ended on the client's side (or a write failed): detach it.
+    pub fn stream_ended(&self, conn: ConnId) {
+        let mut wakes = Vec::new();
+        {
+            let mut state = self.state.lock();
+            state.routes.remove(&conn);
+            let result = state.broker.handle_input(Instant::now(), Input::StreamEnded { conn });
+            debug!("stream {conn} ended: {result:?}");
+            self.route(&mut state, &mut wakes);
+        }
+        for w in wakes {
+            w.wake_if_idle();
+        }
+    }
+
+    /// Every stream with a route, in ascending order.
+    pub fn open_conns(&self) -> Vec<ConnId> {
+        let mut conns: Vec<ConnId> = self.state.lock().routes.keys().copied().collect();
+        conns.sort_unstable();
+        conns
+    }
+
+    /// Runs `f` with read access to the broker (for getters).
+    pub fn read<T>(&self, f: impl FnOnce(&Broker) -> T) -> T {
+        f(&self.state.lock().broker)
+    }
+
+    /// Routes every queued output. Deliveries that do not fit a stream's queue are
+    /// reported back to the core as `Lagging`, whose outputs are routed in turn.
+    fn route(&self, state: &mut State, wakes: &mut Wakes) {
+        let mut lagging = Vec::new();
+        loop {
+            while let Some(output) = state.broker.poll_output() {
+                match output {
+                    Output::Deliver { to, event } => {
+                        for encoded in encode::encode(&event, MAX_BATCH_BYTES) {
+                            for conn in to.as_slice() {
+                                let Some(route) = state.routes.get(conn) else { continue };
+                                if route.lagged.load(Ordering::Relaxed) {
+                                    continue;
+                                }
+                                if route.queue.len() >= route.capacity {
+                                    route.lagged.store(true, Ordering::Relaxed);
+                                    lagging.push(*conn);
+                                    continue;
+                                }
+                                route
+                                    .queue
+                                    .send(encoded.clone())
+                                    .expect("the stream thread owns the receiver");
+                                wakes.push(Arc::clone(route));
+                            }
+                        }
+                    }
+                    Output::Close(close) => {
+                        if let Some(route) = state.routes.remove(&close.conn) {
+                            *route.close.lock() = Some(close);
+                            route.thread.unpark();
+                        }
+                    }
+                }
+            }
+            if lagging.is_empty() {
+                break;
+            }
+            for conn in lagging.drain(..) {
+                warn!("stream {conn} is too slow: its queue of {} events is full", self.queue_capacity);
+                let _ = state.broker.handle_input(Instant::now(), Input::Lagging { conn });
+            }
+        }
+        let next = state.broker.poll_timeout();
+        if next.is_some() && (state.timer_deadline.is_none() || next < state.timer_deadline) {
+            state.timer_deadline = next;
+            let _ = self.timer_kick.try_send(());
+        }
+    }
+
+    fn fire_timers(&self) -> Option<Instant> {
+        let mut wakes = Vec::new();
+        let next = {
+            let mut state = self.state.lock();
+            state.broker.handle_timeout(Instant::now());
+            self.route(&mut state, &mut wakes);
+            state.timer_deadline = state.broker.poll_timeout();
+            state.timer_deadline
+        };
+        for w in wakes {
+            w.wake_if_idle();
+        }
+        next
+    }
+}
+
+/// Sleeps until the broker's next deadline (or a kick that says it moved earlier),
+/// then fires due timers. Ends when the hub is dropped.
+fn run_timers(hub: std::sync::Weak<Hub>, kicks: Receiver<()>) {
+    let mut next: Option<Instant> = None;
+    loop {
+        let wait = next.map_or(Duration::from_secs(1), |at| at.saturating_duration_since(Instant::now()));
+        let _ = kicks.recv_timeout(wait.min(Duration::from_secs(1)));
+        let Some(hub) = hub.upgrade() else { return };
+        next = hub.fire_timers();
+    }
+}
+
+/// Milliseconds since the Unix epoch, for `sent_at_ms`.
+pub fn wall_clock_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Logs what an accepted input did, at the levels the design asks for.
+pub fn log_result(what: &str, result: &Result<Accepted, Rejection>) {
+    match result {
+        Ok(Accepted::Joined(info)) => info!("{what}: session {:?} joined", info.token),
+        Ok(Accepted::Attached { conn, user, room, resumed, gap, replayed, .. }) => {
+            if user.is_empty() {
+                info!("{what}: listener {conn} attached to #{room} ({replayed} replayed)");
+            } else {
+                info!(
+                    "{what}: {user} {} #{room} on {conn} ({replayed} replayed{})",
+                    if *resumed { "resumed in" } else { "joined" },
+                    if *gap { ", with a gap" } else { "" }
+                );
+            }
+        }
+        Ok(Accepted::Left { user, room }) => info!("{what}: {user} left #{room}"),
+        Ok(Accepted::Posted(p)) if p.duplicate => debug!("{what}: repeat of seq {} ignored", p.seq),
+        Ok(Accepted::Posted(p)) => debug!("{what}: seq {} relayed to {} streams", p.seq, p.recipients),
+        Ok(_) => {}
+        Err(rejection) => debug!("{what}: rejected: {rejection}"),
+    }
+}

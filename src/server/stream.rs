@@ -1,0 +1,272 @@
+//! One thread per stream: it reads the client's frames, hands them to the hub, and
+//! writes what the hub queued for it — everything queued since the last write goes out
+//! as one `EventBatch`, so a busy stream needs one write and one wake-up per batch, not
+//! per event.
+//!
+//! The thread polls grpcio's futures itself with a waker that unparks it, and parks
+//! when there is nothing to do. While a write is in flight it does not ask to be woken
+//! for new queue items (they will go into the next batch anyway).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use futures::{Sink, Stream};
+use grpcio::{DuplexSink, RequestStream, RpcStatus, RpcStatusCode, ServerStreamingSink, WriteFlags};
+use log::debug;
+
+use super::encode::{self, Batcher, Encoded};
+use super::hub::{self, Hub, StreamShared, MAX_BATCH_BYTES};
+use crate::core::{Close, Input, Token};
+use crate::pb;
+use crate::pb::client_frame::Frame;
+
+/// How long ending a stream (sending its status) may take before the call is cancelled.
+const FINISH_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A waker that unparks the stream's thread.
+struct Unparker(Thread);
+
+impl Wake for Unparker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// A response sink of pre-encoded events: `Chat`'s duplex sink or `Subscribe`'s.
+pub trait EventSink: Sink<(Encoded, WriteFlags), Error = grpcio::Error> + Unpin {
+    /// Ends the call with `status`.
+    fn fail_with(self, status: RpcStatus) -> Pin<Box<dyn Future<Output = grpcio::Result<()>>>>;
+}
+
+impl EventSink for DuplexSink<Encoded> {
+    fn fail_with(self, status: RpcStatus) -> Pin<Box<dyn Future<Output = grpcio::Result<()>>>> {
+        Box::pin(self.fail(status))
+    }
+}
+
+impl EventSink for ServerStreamingSink<Encoded> {
+    fn fail_with(self, status: RpcStatus) -> Pin<Box<dyn Future<Output = grpcio::Result<()>>>> {
+        Box::pin(self.fail(status))
+    }
+}
+
+/// A fresh session token from the operating system's random source.
+pub fn new_token() -> Token {
+    let mut bytes = [0u8; 16];
+    getrandom::getrandom(&mut bytes).expect("the operating system's random source is available");
+    Token::from_entropy(bytes)
+}
+
+/// Runs a `Chat` stream to its end on the current thread.
+pub fn run_chat(hub: Arc<Hub>, requests: RequestStream<pb::ClientFrame>, sink: DuplexSink<Encoded>) {
+    let (shared, rx) = match hub.open_stream() {
+        Ok(opened) => opened,
+        Err(rejection) => return finish(sink, Some(encode::rpc_status(&rejection)), Some(requests)),
+    };
+    drive(&hub, &shared, &rx, Some(requests), sink);
+}
+
+/// Runs a `Subscribe` stream to its end on the current thread.
+pub fn run_subscribe(hub: Arc<Hub>, req: pb::SubscribeRequest, sink: ServerStreamingSink<Encoded>) {
+    let (shared, rx) = match hub.open_stream() {
+        Ok(opened) => opened,
+        Err(rejection) => return finish(sink, Some(encode::rpc_status(&rejection)), None),
+    };
+    let result = hub.input(Input::Subscribe {
+        conn: shared.conn(),
+        session: req.session,
+        room: req.room,
+        since: crate::core::Seq(req.since_seq),
+        epoch: crate::core::Epoch(req.epoch),
+    });
+    hub::log_result("subscribe", &result);
+    drive(&hub, &shared, &rx, None, sink);
+}
+
+/// How the loop ended.
+enum End {
+    /// The core closed the stream.
+    Closed(Close),
+    /// The transport must end it with this status (malformed frame).
+    Refused(RpcStatus),
+    /// The client is gone or the call broke.
+    Gone,
+}
+
+fn drive<S: EventSink>(
+    hub: &Hub,
+    shared: &StreamShared,
+    rx: &Receiver<Encoded>,
+    mut requests: Option<RequestStream<pb::ClientFrame>>,
+    mut sink: S,
+) {
+    let waker = Waker::from(Arc::new(Unparker(thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut batcher = Batcher::default();
+    let mut reading = requests.is_some();
+    let mut writing = false;
+    let mut closing: Option<Close> = None;
+    let end = 'run: loop {
+        let mut busy = false;
+
+        // Frames from the client.
+        while let (true, Some(stream)) = (reading, requests.as_mut()) {
+            match Pin::new(stream).poll_next(&mut cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    busy = true;
+                    if let Err(status) = handle_frame(hub, shared, frame) {
+                        break 'run End::Refused(status);
+                    }
+                }
+                Poll::Ready(Some(Err(grpcio::Error::Codec(e)))) => {
+                    let why = format!("malformed frame: {e}");
+                    break 'run End::Refused(RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, why));
+                }
+                Poll::Ready(Some(Err(_))) => break 'run End::Gone,
+                // Half-closed: the client sends no more, but still receives.
+                Poll::Ready(None) => reading = false,
+                Poll::Pending => break,
+            }
+        }
+
+        // The write in flight; polling also notices a call the client cancelled.
+        match Pin::new(&mut sink).poll_flush(&mut cx) {
+            Poll::Ready(Ok(())) => writing = false,
+            Poll::Ready(Err(_)) => break 'run End::Gone,
+            Poll::Pending => {}
+        }
+
+        if closing.is_none() {
+            closing = shared.take_close();
+        }
+        if let Some(close) = closing.take_if(|c| !c.flush) {
+            break 'run End::Closed(close);
+        }
+
+        // The next write: everything queued, as one batch.
+        if !writing {
+            if let Some(item) = next_write(rx, &mut batcher) {
+                let flags = WriteFlags::default();
+                if Pin::new(&mut sink).start_send((item, flags)).is_err() {
+                    break 'run End::Gone;
+                }
+                writing = true;
+                continue;
+            }
+            if let Some(close) = closing.take() {
+                break 'run End::Closed(close);
+            }
+        }
+
+        if !busy {
+            if !writing {
+                shared.set_idle(true);
+                if rx.is_empty() && !shared.close_pending() {
+                    thread::park();
+                }
+                shared.set_idle(false);
+            } else {
+                thread::park();
+            }
+        }
+    };
+
+    let conn = shared.conn();
+    match end {
+        End::Closed(close) => {
+            debug!("stream {conn} closed by the core: {:?}", close.error);
+            finish(sink, close.error.as_ref().map(encode::rpc_status), requests);
+        }
+        End::Refused(status) => {
+            hub.stream_ended(conn);
+            finish(sink, Some(status), requests);
+        }
+        End::Gone => {
+            debug!("stream {conn}: the client is gone");
+            hub.stream_ended(conn);
+        }
+    }
+}
+
+/// Hands one client frame to the hub. A frame with nothing in it is refused here: it
+/// cannot be expressed as a core input.
+fn handle_frame(hub: &Hub, shared: &StreamShared, frame: pb::ClientFrame) -> Result<(), RpcStatus> {
+    let conn = shared.conn();
+    let (what, input) = match frame.frame {
+        Some(Frame::Hello(h)) => {
+            ("hello", Input::Hello { conn, hello: encode::hello(h), new_token: new_token() })
+        }
+        Some(Frame::Post(p)) => (
+            "post",
+            Input::Post {
+                conn,
+                text: p.text,
+                client_msg_id: p.client_msg_id,
+                sent_at_ms: hub::wall_clock_ms(),
+            },
+        ),
+        Some(Frame::Leave(_)) => ("leave", Input::LeaveStream { conn }),
+        None => {
+            let why = "empty frame: set one of hello, post or leave".to_owned();
+            return Err(RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, why));
+        }
+    };
+    let result = hub.input(input);
+    hub::log_result(what, &result);
+    Ok(())
+}
+
+/// Takes what is queued: a single event as it is, several as one batch (up to
+/// `MAX_BATCH_BYTES`).
+fn next_write(rx: &Receiver<Encoded>, batcher: &mut Batcher) -> Option<Encoded> {
+    let first = rx.try_recv().ok()?;
+    if rx.is_empty() {
+        return Some(first);
+    }
+    batcher.push(first.0.as_slice());
+    while batcher.body_len() < MAX_BATCH_BYTES {
+        let Ok(next) = rx.try_recv() else { break };
+        batcher.push(next.0.as_slice());
+    }
+    Some(batcher.finish())
+}
+
+/// Ends the call: OK (`status` is `None`) or with `status`. Gives up and cancels the
+/// call if the client does not take the status within the deadline.
+fn finish<S: EventSink>(
+    sink: S,
+    status: Option<RpcStatus>,
+    requests: Option<RequestStream<pb::ClientFrame>>,
+) {
+    let status = status.unwrap_or_else(|| RpcStatus::new(RpcStatusCode::OK));
+    let done = poll_until(sink.fail_with(status), Instant::now() + FINISH_DEADLINE);
+    if done.is_none() {
+        debug!("a client did not take its stream's status in time; the call is cancelled");
+    }
+    drop(requests);
+}
+
+/// Polls `fut` on this thread until it completes or `deadline` passes.
+fn poll_until<F: Future + Unpin>(mut fut: F, deadline: Instant) -> Option<F::Output> {
+    let waker = Waker::from(Arc::new(Unparker(thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(out) = Pin::new(&mut fut).poll(&mut cx) {
+            return Some(out);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        thread::park_timeout(deadline - now);
+    }
+}
