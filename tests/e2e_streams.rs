@@ -1,0 +1,241 @@
+//! Streams under load and in trouble: many members posting at once, resume after a
+//! dropped stream, the stream limit, a member that never reads, shutdown.
+
+mod e2e;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread;
+
+use e2e::*;
+use futures::executor::block_on;
+use futures::StreamExt;
+use grpc_chat::pb::{self, client_frame::Frame, server_event::Event};
+use grpcio::{EnvBuilder, RpcStatusCode};
+
+#[test]
+fn fifty_clients_in_three_rooms_see_their_room_in_order() {
+    const CLIENTS: usize = 50;
+    const POSTS: usize = 20;
+    let server = server(|_| {});
+    let env = Arc::new(EnvBuilder::new().cq_count(2).build());
+    let rooms = ["red", "green", "blue"];
+    let mut members = Vec::new();
+    for i in 0..CLIENTS {
+        let c = client_in(Arc::clone(&env), &server.addr());
+        let room = rooms[i % 3];
+        let (s, _) = ChatStream::join(&c, &format!("user{i}"), room);
+        members.push((c, s, room));
+    }
+    let expected_per_room: HashMap<&str, usize> =
+        rooms.iter().map(|r| (*r, members.iter().filter(|m| m.2 == *r).count() * POSTS)).collect();
+
+    // Everyone posts at once.
+    let posters: Vec<_> = members
+        .into_iter()
+        .enumerate()
+        .map(|(i, (c, mut s, room))| {
+            thread::spawn(move || {
+                for n in 0..POSTS {
+                    s.send(Frame::Post(pb::Post {
+                        text: format!("user{i} #{n}"),
+                        client_msg_id: format!("{i}-{n}"),
+                    }));
+                }
+                (c, s, room, i)
+            })
+        })
+        .collect();
+    let members: Vec<_> = posters.into_iter().map(|t| t.join().expect("poster thread")).collect();
+
+    for (_c, s, room, i) in &members {
+        let want = expected_per_room[room];
+        let mut own = 0;
+        for expected_seq in 1..=want as u64 {
+            let m = s.events.message();
+            assert_eq!(m.room, *room, "member {i} got a message of another room");
+            assert_eq!(m.seq, expected_seq, "member {i} in {room}: gap, duplicate or reorder");
+            if m.user == format!("user{i}") {
+                own += 1;
+            }
+        }
+        assert_eq!(own, POSTS, "member {i} saw each of its own posts once");
+    }
+}
+
+#[test]
+fn resume_after_dropped_stream_loses_and_duplicates_nothing() {
+    let server = server(|_| {});
+    let c = client(&server.addr());
+    let (alice, w) = ChatStream::join(&c, "alice", "r");
+    let (token, epoch) = (w.session.clone(), w.epoch);
+    let (mut bob, _) = ChatStream::join(&c, "bob", "r");
+    let _ = alice.events.event(); // bob's presence
+
+    for n in 1..=3 {
+        bob.post(&format!("m{n}"));
+    }
+    let mut last = 0;
+    for _ in 0..3 {
+        last = alice.events.message().seq;
+    }
+    assert_eq!(last, 3);
+
+    // The server side drops every stream (as if the connection were cut).
+    server.drop_all_streams();
+    assert_eq!(alice.events.end().0, RpcStatusCode::RESOURCE_EXHAUSTED);
+    assert_eq!(bob.events.end().0, RpcStatusCode::RESOURCE_EXHAUSTED);
+
+    // Both sessions survive the drop; while alice is away, a message arrives.
+    let members = c.list_members(&pb::ListMembersRequest { room: "r".into() }).expect("members");
+    assert_eq!(members.members, vec!["alice".to_owned(), "bob".to_owned()], "sessions survive the drop");
+    drop(bob);
+    let sent = c.send(&pb::SendRequest {
+        session: token.clone(),
+        text: "m4 via Send".into(),
+        client_msg_id: "x".into(),
+    });
+    assert_eq!(sent.expect("a detached session can still Send").seq, 4);
+
+    let mut alice2 = ChatStream::open(&c);
+    alice2.send(resume(&token, last, epoch));
+    let w = alice2.events.welcome();
+    assert!(w.resumed && !w.gap, "resumed without gap: {w:?}");
+    let m = alice2.events.message();
+    assert_eq!((m.seq, m.text.as_str()), (4, "m4 via Send"), "exactly the missed message");
+    alice2.post("back");
+    assert_eq!(alice2.events.message().seq, 5, "no duplicate of 1..=3 before live traffic");
+    assert!(alice2.events.is_empty() || !matches!(alice2.events.next(), Seen::Event(Event::Message(_))));
+}
+
+#[test]
+fn resume_reports_gap_when_history_was_lost() {
+    let server = server(|c| c.broker.history_limit = 3);
+    let c = client(&server.addr());
+    let (_alice, w) = ChatStream::join(&c, "alice", "r");
+    let s = c.join(&pb::JoinRequest { user: "bob".into(), room: "r".into() }).expect("bob").session;
+    for n in 0..10 {
+        c.send(&pb::SendRequest { session: s.clone(), text: format!("m{n}"), client_msg_id: String::new() })
+            .expect("send");
+    }
+    let mut again = ChatStream::open(&c);
+    again.send(resume(&w.session, 2, w.epoch));
+    let w2 = again.events.welcome();
+    assert!(w2.gap, "messages 3..=7 are gone");
+    let seqs: Vec<u64> = (0..3).map(|_| again.events.message().seq).collect();
+    assert_eq!(seqs, vec![8, 9, 10]);
+
+    let mut other_epoch = ChatStream::open(&c);
+    let s2 = c.join(&pb::JoinRequest { user: "carol".into(), room: "r".into() }).expect("carol").session;
+    other_epoch.send(resume(&s2, 9, w.epoch.wrapping_add(12345)));
+    let w3 = other_epoch.events.welcome();
+    assert!(w3.gap, "a different epoch means a new log");
+    assert_eq!(other_epoch.events.message().seq, 8, "everything retained is replayed");
+}
+
+#[test]
+fn stream_limit_refuses_at_once_with_resource_exhausted() {
+    let server = server(|c| c.max_streams = 3);
+    let c = client(&server.addr());
+    let held: Vec<_> = (0..3).map(|i| ChatStream::join(&c, &format!("u{i}"), "r").0).collect();
+    let mut extra = ChatStream::open(&c);
+    extra.send(hello("u3", "r"));
+    let (code, msg) = extra.events.end();
+    assert_eq!(code, RpcStatusCode::RESOURCE_EXHAUSTED, "{msg}");
+    let sub = Events::spawn(
+        c.subscribe(&pb::SubscribeRequest { room: "r".into(), ..Default::default() }).expect("starts"),
+    );
+    assert_eq!(sub.end().0, RpcStatusCode::RESOURCE_EXHAUSTED);
+    // Unary calls are not streams: still served.
+    c.list_rooms(&pb::ListRoomsRequest {}).expect("unary still works");
+    // A freed slot is usable again.
+    let mut first = held.into_iter().next().expect("three held");
+    first.send(Frame::Leave(pb::Leave {}));
+    assert_eq!(first.events.end().0, RpcStatusCode::OK);
+    let limit_freed = (0..200).any(|_| {
+        let mut s = ChatStream::open(&c);
+        s.send(hello("late", "r"));
+        match s.events.next() {
+            Seen::Event(Event::Welcome(_)) => true,
+            Seen::End(RpcStatusCode::RESOURCE_EXHAUSTED, _) => false,
+            other => panic!("unexpected {other:?}"),
+        }
+    });
+    assert!(limit_freed, "the slot of the stream that left is released");
+}
+
+#[test]
+fn member_that_never_reads_is_cut_off_without_slowing_others() {
+    let server = server(|c| c.queue_capacity = 64);
+    let c = client(&server.addr());
+    // The sleeper's events are never read: its receiver is held but not polled. It has
+    // a connection of its own, as a real stuck client would.
+    let sleeper = client(&server.addr());
+    let (mut sleeper_tx, sleeper_rx) = sleeper.chat().expect("chat starts");
+    block_on(futures::SinkExt::send(
+        &mut sleeper_tx,
+        (pb::ClientFrame { frame: Some(hello("sleeper", "busy")) }, grpcio::WriteFlags::default()),
+    ))
+    .expect("hello sent");
+    let (reader, _) = ChatStream::join(&c, "reader", "busy");
+    let poster =
+        c.join(&pb::JoinRequest { user: "poster".into(), room: "busy".into() }).expect("join").session;
+
+    // Enough big messages to fill the sleeper's socket buffers and then its queue.
+    const N: u64 = 3000;
+    let text = "z".repeat(4000);
+    for _ in 0..N {
+        c.send(&pb::SendRequest {
+            session: poster.clone(),
+            text: text.clone(),
+            client_msg_id: String::new(),
+        })
+        .expect("send");
+    }
+    for seq in 1..=N {
+        assert_eq!(reader.events.message().seq, seq, "the reader gets everything, in order");
+    }
+    // The sleeper was cut off with RESOURCE_EXHAUSTED (its session is kept for a resume).
+    let members = c.list_members(&pb::ListMembersRequest { room: "busy".into() }).expect("members").members;
+    assert!(members.contains(&"sleeper".to_owned()));
+    let mut rx = sleeper_rx;
+    let status = loop {
+        match block_on(rx.next()) {
+            Some(Ok(_)) => continue,
+            Some(Err(grpcio::Error::RpcFailure(s))) => break s.code(),
+            other => panic!("unexpected end of the sleeper's stream: {other:?}"),
+        }
+    };
+    assert!(
+        status == RpcStatusCode::RESOURCE_EXHAUSTED || status == RpcStatusCode::CANCELLED,
+        "sleeper ended with {status:?}"
+    );
+}
+
+#[test]
+fn shutdown_sends_notice_then_unavailable() {
+    let server = server(|_| {});
+    let c = client(&server.addr());
+    let (mut alice, _) = ChatStream::join(&c, "alice", "r");
+    alice.post("accepted before shutdown");
+    let sub = Events::spawn(
+        c.subscribe(&pb::SubscribeRequest { room: "r".into(), ..Default::default() }).expect("starts"),
+    );
+    let _ = sub.welcome();
+    let stopper = thread::spawn(move || server.shutdown());
+    assert_eq!(alice.events.message().text, "accepted before shutdown", "queued messages are flushed first");
+    for events in [&alice.events, &sub] {
+        loop {
+            match events.next() {
+                Seen::Event(Event::Notice(n)) => {
+                    assert_eq!((n.code, n.text.contains("shutting down")), (0, true));
+                    break;
+                }
+                Seen::Event(_) => continue,
+                Seen::End(code, msg) => panic!("ended with {code:?} ({msg}) before the notice"),
+            }
+        }
+        assert_eq!(events.end().0, RpcStatusCode::UNAVAILABLE);
+    }
+    stopper.join().expect("shutdown returns");
+}
