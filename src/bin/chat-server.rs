@@ -43,7 +43,7 @@ struct Args {
     /// Longest user name, in characters.
     #[arg(long, default_value_t = 32)]
     max_user_chars: usize,
-    /// Most rooms the server holds (idle rooms are evicted first).
+    /// Most rooms the server holds (at the limit, an idle room is evicted to make space).
     #[arg(long, default_value_t = 10_000)]
     max_rooms: usize,
     /// Most sessions the server holds.

@@ -273,7 +273,7 @@ mod tests {
         for seq in 1..=3 {
             b.push(encode(&message(seq), 1 << 20)[0].0.as_slice());
         }
-        assert_eq!(seqs(&b.finish().0), vec![1, 2, 3]);
+        assert_eq!(seqs(b.finish().0.as_slice()), vec![1, 2, 3]);
         assert!(b.is_empty());
     }
 
@@ -292,7 +292,7 @@ mod tests {
         let mut b = Batcher::default();
         b.push(encoded[0].0.as_slice());
         b.push(encode(&message(5), 1 << 20)[0].0.as_slice());
-        assert_eq!(seqs(&b.finish().0), vec![1, 2, 3, 4, 5]);
+        assert_eq!(seqs(b.finish().0.as_slice()), vec![1, 2, 3, 4, 5]);
     }
 
     #[test]
@@ -307,7 +307,7 @@ mod tests {
         );
         let encoded = encode(&backlog, 200);
         assert!(encoded.len() > 1);
-        let all: Vec<u64> = encoded.iter().flat_map(|e| seqs(&e.0)).collect();
+        let all: Vec<u64> = encoded.iter().flat_map(|e| seqs(e.0.as_slice())).collect();
         assert_eq!(all, (1..=100).collect::<Vec<_>>());
     }
 }
