@@ -70,6 +70,9 @@ struct State {
 /// The shared broker and routing table.
 pub struct Hub {
     state: Mutex<State>,
+    /// During shutdown: until when a stream that was sent its notice waits for the
+    /// client to read it before the final status goes out.
+    linger_until: Mutex<Option<Instant>>,
     queue_capacity: usize,
     timer_kick: Sender<()>,
 }
@@ -83,6 +86,7 @@ impl Hub {
         let (timer_kick, kicks) = crossbeam_channel::bounded(1);
         let hub = Arc::new(Hub {
             state: Mutex::new(State { broker, routes: HashMap::new(), timer_deadline: None }),
+            linger_until: Mutex::new(None),
             queue_capacity,
             timer_kick,
         });
@@ -145,6 +149,19 @@ impl Hub {
         for w in wakes {
             w.wake_if_idle();
         }
+    }
+
+    /// Starts a shutdown: closed streams will linger until `until` (see [`Hub::linger_until`]).
+    pub fn begin_shutdown(&self, until: Instant) {
+        *self.linger_until.lock() = Some(until);
+    }
+
+    /// Set during shutdown. grpcio's Rust client reports a non-OK status as soon as it
+    /// has arrived, even ahead of a message received just before it; a stream that has
+    /// flushed its shutdown notice therefore waits for the client to hang up (or for
+    /// this deadline) before it sends `UNAVAILABLE`, so the notice is read.
+    pub fn linger_until(&self) -> Option<Instant> {
+        *self.linger_until.lock()
     }
 
     /// Every stream with a route, in ascending order.

@@ -176,8 +176,9 @@ impl ChatServer {
         info!("shutting down: notifying {} streams", self.limit.open());
         self.health.set_serving_status("", ServingStatus::NotServing);
         self.health.set_serving_status("chat.v1.Chat", ServingStatus::NotServing);
-        let _ = self.hub.input(Input::Shutdown { notice: "server shutting down".into() });
         let deadline = Instant::now() + self.grace;
+        self.hub.begin_shutdown(Instant::now() + (self.grace / 2).min(Duration::from_secs(1)));
+        let _ = self.hub.input(Input::Shutdown { notice: "server shutting down".into() });
         while self.limit.open() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -184,6 +184,11 @@ fn drive<S: EventSink>(
     match end {
         End::Closed(close) => {
             debug!("stream {conn} closed by the core: {:?}", close.error);
+            if let Some(until) = hub.linger_until() {
+                if !linger(&mut requests, &mut sink, until) {
+                    return;
+                }
+            }
             finish(sink, close.error.as_ref().map(encode::rpc_status), requests);
         }
         End::Refused(status) => {
@@ -194,6 +199,35 @@ fn drive<S: EventSink>(
             debug!("stream {conn}: the client is gone");
             hub.stream_ended(conn);
         }
+    }
+}
+
+/// Waits until the client hangs up or `until` passes, whichever is first. Returns
+/// false if the client is gone (nothing more can be sent).
+fn linger<S: EventSink>(
+    requests: &mut Option<RequestStream<pb::ClientFrame>>,
+    sink: &mut S,
+    until: Instant,
+) -> bool {
+    let waker = Waker::from(Arc::new(Unparker(thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        if let Some(stream) = requests.as_mut() {
+            match Pin::new(stream).poll_next(&mut cx) {
+                Poll::Ready(Some(Ok(_))) => continue,
+                Poll::Ready(Some(Err(_))) => return false,
+                Poll::Ready(None) => *requests = None,
+                Poll::Pending => {}
+            }
+        }
+        if let Poll::Ready(Err(_)) = Pin::new(&mut *sink).poll_flush(&mut cx) {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= until {
+            return true;
+        }
+        thread::park_timeout(until - now);
     }
 }
 
