@@ -174,11 +174,11 @@ fn malformed_input_gets_the_right_status_and_server_keeps_serving() {
     assert_eq!(early.events.end().0, RpcStatusCode::INVALID_ARGUMENT, "post before hello");
 
     let mut empty = ChatStream::open(&c);
-    block_on(futures::SinkExt::send(
+    // The send itself may already see the call ended by the server; the status is what counts.
+    let _ = block_on(futures::SinkExt::send(
         &mut empty.tx,
         (pb::ClientFrame { frame: None }, grpcio::WriteFlags::default()),
-    ))
-    .expect("sent");
+    ));
     assert_eq!(empty.events.end().0, RpcStatusCode::INVALID_ARGUMENT, "empty frame");
 
     let mut ghost = ChatStream::open(&c);

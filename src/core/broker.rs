@@ -17,6 +17,15 @@ use super::validate::{self, Code, Rejection};
 /// session has left (`FAILED_PRECONDITION`) rather than that it never existed.
 const TOMBSTONES: usize = 4096;
 
+/// Why a session ends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// An explicit leave (frame or RPC).
+    Left,
+    /// Its attach timeout or resume grace ran out.
+    Expired,
+}
+
 /// What the core knows of a stream.
 enum Conn {
     /// Opened; its first frame (hello or subscribe) has not arrived.
@@ -126,21 +135,22 @@ impl Broker {
             Input::Open => self.open(),
             Input::Hello { conn, hello, new_token } => self.hello(now, conn, hello, new_token),
             Input::Subscribe { conn, session, room, since, epoch } => {
-                self.subscribe(conn, &session, &room, since, epoch)
+                self.subscribe(now, conn, &session, &room, since, epoch)
             }
             Input::Post { conn, text, client_msg_id, sent_at_ms } => {
                 self.post_on_stream(now, conn, text, client_msg_id, sent_at_ms)
             }
             Input::Send { session, text, client_msg_id, sent_at_ms } => {
+                self.refuse_if_shutting_down()?;
                 let id = self.lookup(&session)?;
                 let posted = self.post(now, id, text, client_msg_id, sent_at_ms)?;
                 self.refresh_detached(now, id);
                 Ok(Accepted::Posted(posted))
             }
-            Input::LeaveStream { conn } => self.leave_on_stream(conn),
+            Input::LeaveStream { conn } => self.leave_on_stream(now, conn),
             Input::Leave { session } => {
                 let id = self.lookup(&session)?;
-                let (user, room) = self.end_session(id);
+                let (user, room) = self.end_session(id, Ending::Left);
                 Ok(Accepted::Left { user, room })
             }
             Input::StreamEnded { conn } => Ok(self.detach(now, conn, None)),
@@ -149,7 +159,7 @@ impl Broker {
                     Rejection::new(Code::ResourceExhausted, "too slow: the stream's send queue is full");
                 Ok(self.detach(now, conn, Some(close)))
             }
-            Input::Shutdown { notice } => Ok(self.shutdown(notice)),
+            Input::Shutdown { notice } => Ok(self.shutdown(now, notice)),
         }
     }
 
@@ -160,7 +170,7 @@ impl Broker {
         while let Some((session, timer)) = self.timers.pop_due(now) {
             debug_assert!(self.sessions[&session].conn.is_none(), "attached sessions have no timer");
             let _ = timer;
-            self.end_session(session);
+            self.end_session(session, Ending::Expired);
         }
     }
 
@@ -264,8 +274,9 @@ impl Broker {
     }
 
     /// Removes a session and its stream (closed with OK after its queue is flushed);
-    /// members see it leave.
-    fn end_session(&mut self, id: SessionId) -> (Arc<str>, Arc<str>) {
+    /// members see it leave. The token of a session that left is remembered, so a late
+    /// `Send` learns it has left; an expired one becomes simply unknown.
+    fn end_session(&mut self, id: SessionId, ending: Ending) -> (Arc<str>, Arc<str>) {
         let session = self.sessions.remove(&id).expect("end_session is called with a live session");
         self.tokens.remove(&session.token);
         self.timers.cancel(id);
@@ -277,6 +288,9 @@ impl Broker {
             self.outputs.push_back(Output::Close(Close { conn, error: None, flush: true }));
         }
         self.announce(&session.room, &session.user, false, None);
+        if ending == Ending::Expired {
+            return (session.user, session.room);
+        }
         let (order, set) = &mut self.tombstones;
         if order.len() == TOMBSTONES {
             let old = order.pop_front().expect("a full tombstone ring is not empty");
@@ -319,6 +333,7 @@ impl Broker {
             None => return Err(stream_gone()),
             Some(Conn::Attached { .. }) => {
                 return Err(self.close_with(
+                    now,
                     conn,
                     Code::FailedPrecondition,
                     "hello may only be sent once per stream",
@@ -329,18 +344,18 @@ impl Broker {
         let session = if hello.session.is_empty() {
             match self.join(now, &hello.user, &hello.room, new_token) {
                 Ok(info) => self.tokens[&info.token],
-                Err(rejection) => return Err(self.close(conn, rejection)),
+                Err(rejection) => return Err(self.close(now, conn, rejection)),
             }
         } else {
             let id = match self.lookup(&hello.session) {
                 Ok(id) => id,
-                Err(rejection) => return Err(self.close(conn, rejection)),
+                Err(rejection) => return Err(self.close(now, conn, rejection)),
             };
             let s = &self.sessions[&id];
             let differs = |given: &str, held: &str| !given.is_empty() && given != held;
             if differs(&hello.user, &s.user) || differs(&hello.room, &s.room) {
                 let why = format!("session belongs to user {:?} in room {:?}", s.user, s.room);
-                return Err(self.close_with(conn, Code::InvalidArgument, why));
+                return Err(self.close_with(now, conn, Code::InvalidArgument, why));
             }
             id
         };
@@ -349,6 +364,7 @@ impl Broker {
 
     fn subscribe(
         &mut self,
+        now: Instant,
         conn: ConnId,
         session: &str,
         room: &str,
@@ -358,24 +374,29 @@ impl Broker {
         match self.conns.get(&conn) {
             None => return Err(stream_gone()),
             Some(Conn::Attached { .. }) => {
-                return Err(self.close_with(conn, Code::FailedPrecondition, "stream is already attached"))
+                return Err(self.close_with(
+                    now,
+                    conn,
+                    Code::FailedPrecondition,
+                    "stream is already attached",
+                ))
             }
             Some(Conn::AwaitingHello) => {}
         }
         if !session.is_empty() {
             let id = match self.lookup(session) {
                 Ok(id) => id,
-                Err(rejection) => return Err(self.close(conn, rejection)),
+                Err(rejection) => return Err(self.close(now, conn, rejection)),
             };
             if !room.is_empty() && *self.sessions[&id].room != *room {
                 let why = format!("session belongs to room {:?}", self.sessions[&id].room);
-                return Err(self.close_with(conn, Code::InvalidArgument, why));
+                return Err(self.close_with(now, conn, Code::InvalidArgument, why));
             }
             return Ok(self.attach(conn, id, since, epoch));
         }
         let room = match validate::room(room, &self.config.limits).and_then(|()| self.room_for_join(room)) {
             Ok(room) => room,
-            Err(rejection) => return Err(self.close(conn, rejection)),
+            Err(rejection) => return Err(self.close(now, conn, rejection)),
         };
         self.conns.insert(conn, Conn::Attached { room: Arc::clone(&room), session: None });
         let r = self.rooms.get_mut(&room).expect("room_for_join returns an existing room");
@@ -463,10 +484,16 @@ impl Broker {
         let id = match self.conns.get(&conn) {
             None => return Err(stream_gone()),
             Some(Conn::AwaitingHello) => {
-                return Err(self.close_with(conn, Code::InvalidArgument, "the first frame must be a hello"))
+                return Err(self.close_with(
+                    now,
+                    conn,
+                    Code::InvalidArgument,
+                    "the first frame must be a hello",
+                ))
             }
             Some(Conn::Attached { session: None, .. }) => {
                 return Err(self.close_with(
+                    now,
                     conn,
                     Code::FailedPrecondition,
                     "an anonymous listener cannot post",
@@ -529,19 +556,19 @@ impl Broker {
         Ok(posted)
     }
 
-    fn leave_on_stream(&mut self, conn: ConnId) -> Result<Accepted, Rejection> {
+    fn leave_on_stream(&mut self, now: Instant, conn: ConnId) -> Result<Accepted, Rejection> {
         match self.conns.get(&conn) {
             None => Err(stream_gone()),
             Some(Conn::AwaitingHello) => {
-                Err(self.close_with(conn, Code::InvalidArgument, "the first frame must be a hello"))
+                Err(self.close_with(now, conn, Code::InvalidArgument, "the first frame must be a hello"))
             }
             Some(Conn::Attached { session: None, .. }) => {
-                self.forget_conn(conn);
+                self.forget_conn(now, conn);
                 self.outputs.push_back(Output::Close(Close { conn, error: None, flush: true }));
                 Ok(Accepted::Detached)
             }
             Some(&Conn::Attached { session: Some(id), .. }) => {
-                let (user, room) = self.end_session(id);
+                let (user, room) = self.end_session(id, Ending::Left);
                 Ok(Accepted::Left { user, room })
             }
         }
@@ -550,13 +577,8 @@ impl Broker {
     /// The stream `conn` is gone (or must go, when `close` is given): its session, if
     /// any, waits for a resume during the grace period.
     fn detach(&mut self, now: Instant, conn: ConnId, close: Option<Rejection>) -> Accepted {
-        let Some(session) = self.forget_conn(conn) else {
+        if self.forget_conn(now, conn).is_none() {
             return Accepted::Ignored;
-        };
-        if let Some(id) = session {
-            let s = self.sessions.get_mut(&id).expect("an attached conn's session lives");
-            s.conn = None;
-            self.timers.set(id, now + self.config.resume_grace, Timer::ResumeGrace);
         }
         if let Some(error) = close {
             self.outputs.push_back(Output::Close(Close { conn, error: Some(error), flush: false }));
@@ -565,20 +587,27 @@ impl Broker {
     }
 
     /// Removes a stream from the core. Returns `None` if it was unknown, otherwise the
-    /// session it was attached for (if any).
-    fn forget_conn(&mut self, conn: ConnId) -> Option<Option<SessionId>> {
+    /// session it was attached for (if any). That session now has no stream: it waits
+    /// for a resume during the grace period, so it can never be left holding a stream
+    /// the core has forgotten (and its name forever).
+    fn forget_conn(&mut self, now: Instant, conn: ConnId) -> Option<Option<SessionId>> {
         match self.conns.remove(&conn)? {
             Conn::AwaitingHello => Some(None),
             Conn::Attached { room, session } => {
                 if let Some(r) = self.rooms.get_mut(&room) {
                     r.remove_listener(conn);
                 }
+                if let Some(id) = session {
+                    let s = self.sessions.get_mut(&id).expect("an attached conn's session lives");
+                    s.conn = None;
+                    self.timers.set(id, now + self.config.resume_grace, Timer::ResumeGrace);
+                }
                 Some(session)
             }
         }
     }
 
-    fn shutdown(&mut self, notice: String) -> Accepted {
+    fn shutdown(&mut self, now: Instant, notice: String) -> Accepted {
         self.shutting_down = true;
         let mut all: Vec<ConnId> = self.conns.keys().copied().collect();
         all.sort_unstable();
@@ -590,7 +619,7 @@ impl Broker {
             });
         }
         for conn in all {
-            self.forget_conn(conn);
+            self.forget_conn(now, conn);
             let error = Rejection::new(Code::Unavailable, "the server is shutting down");
             self.outputs.push_back(Output::Close(Close { conn, error: Some(error), flush: true }));
         }
@@ -607,19 +636,20 @@ impl Broker {
     }
 
     /// Forgets `conn` and queues its close with `rejection`; returns the rejection.
-    fn close(&mut self, conn: ConnId, rejection: Rejection) -> Rejection {
-        self.forget_conn(conn);
+    fn close(&mut self, now: Instant, conn: ConnId, rejection: Rejection) -> Rejection {
+        self.forget_conn(now, conn);
         self.outputs.push_back(Output::Close(Close { conn, error: Some(rejection.clone()), flush: true }));
         rejection
     }
 
     fn close_with(
         &mut self,
+        now: Instant,
         conn: ConnId,
         code: Code,
         reason: impl Into<std::borrow::Cow<'static, str>>,
     ) -> Rejection {
-        self.close(conn, Rejection::new(code, reason))
+        self.close(now, conn, Rejection::new(code, reason))
     }
 
     /// Sorted member names, or none above the presence limit.

@@ -1,0 +1,125 @@
+//! Core tests of the broker's own limits (rooms, sessions), the room directory, epochs
+//! of evicted rooms, token collisions and the timer table.
+
+mod core_harness;
+
+use std::time::Duration;
+
+use core_harness::{code, config, Harness};
+use grpc_chat::core::{Accepted, BrokerConfig, Code, Input, Seq, Token};
+
+#[test]
+fn the_directory_lists_rooms_sorted_with_counts() {
+    let mut h = Harness::new(config());
+    let (c, _) = h.connect("ann", "zeta");
+    h.join("bob", "alpha");
+    h.join("cid", "zeta");
+    h.post(c, "x").unwrap();
+    let rooms = h.broker.rooms();
+    let view: Vec<_> = rooms.iter().map(|r| (r.name.to_string(), r.members, r.last_seq.get())).collect();
+    assert_eq!(view, vec![("alpha".to_string(), 1, 0), ("zeta".to_string(), 2, 1)]);
+    assert!(h.broker.members("nowhere").unwrap().is_empty());
+}
+
+#[test]
+fn at_the_room_limit_an_idle_room_is_evicted_but_a_busy_one_is_not() {
+    let mut h = Harness::new(BrokerConfig { max_rooms: 2, ..config() });
+    let (c, _) = h.connect("ann", "a");
+    h.post(c, "x").unwrap();
+    h.input(Input::LeaveStream { conn: c }).unwrap(); // "a" is idle now
+    h.join("bob", "b");
+    h.join("cid", "c"); // evicts "a"
+    let names: Vec<_> = h.broker.rooms().iter().map(|r| r.name.to_string()).collect();
+    assert_eq!(names, vec!["b", "c"]);
+    assert!(h.broker.history("a", Seq(0), 0).unwrap().is_empty());
+    // Both rooms are busy: a third is refused, and nothing changes.
+    assert_eq!(code(h.try_join("dee", "d")), Code::ResourceExhausted);
+    let (l, r) = h.subscribe("", "d", 0);
+    assert_eq!(code(r), Code::ResourceExhausted);
+    assert_eq!(h.close_code(l), Some(Code::ResourceExhausted));
+    assert_eq!(h.broker.rooms().len(), 2);
+    assert_eq!(h.broker.session_count(), 2);
+}
+
+#[test]
+fn an_evicted_room_reappears_with_another_epoch_and_resumers_see_a_gap() {
+    let mut h = Harness::new(BrokerConfig { max_rooms: 1, ..config() });
+    let (c, _) = h.connect("ann", "a");
+    for i in 0..3 {
+        h.post(c, &format!("{i}")).unwrap();
+    }
+    let old_epoch = h.welcome(c).epoch;
+    h.input(Input::LeaveStream { conn: c }).unwrap();
+    let other = h.join("bob", "b"); // evicts "a"
+    h.leave(other.token.as_str()).unwrap();
+    let info = h.join("ann", "a"); // evicts "b", recreates "a"
+    assert_ne!(info.epoch, old_epoch, "a recreated room is a new log");
+    assert_eq!(info.last_seq, Seq(0));
+    let (c2, r) = h.try_attach(&info.token, 3, old_epoch);
+    assert!(matches!(r, Ok(Accepted::Attached { gap: true, replayed: 0, .. })), "{r:?}");
+    assert_eq!(h.welcome(c2).epoch, info.epoch);
+    assert_eq!(h.post(c2, "new").unwrap().seq, Seq(1));
+}
+
+#[test]
+fn the_session_limit_is_resource_exhausted() {
+    let mut h = Harness::new(BrokerConfig { max_sessions: 2, ..config() });
+    let a = h.join("ann", "r");
+    h.join("bob", "r");
+    assert_eq!(code(h.try_join("cid", "r")), Code::ResourceExhausted);
+    let c = h.open();
+    let hello = grpc_chat::core::Hello { user: "cid".into(), room: "r".into(), ..Default::default() };
+    assert_eq!(code(h.hello(c, hello)), Code::ResourceExhausted);
+    assert_eq!(h.close_code(c), Some(Code::ResourceExhausted));
+    assert_eq!(h.broker.session_count(), 2);
+    h.leave(a.token.as_str()).unwrap();
+    h.join("cid", "r");
+}
+
+#[test]
+fn a_token_collision_is_refused_and_changes_nothing() {
+    let mut h = Harness::new(config());
+    let token = Token::from_entropy([7; 16]);
+    let r = h.input(Input::Join { user: "ann".into(), room: "r".into(), token: token.clone() });
+    assert!(matches!(r, Ok(Accepted::Joined(_))));
+    let r = h.input(Input::Join { user: "bob".into(), room: "r".into(), token: token.clone() });
+    assert_eq!(code(r), Code::Unavailable);
+    assert_eq!(h.members("r"), vec!["ann"]);
+    assert_eq!(h.broker.session_count(), 1);
+}
+
+#[test]
+fn tokens_are_opaque_and_debug_does_not_leak_them() {
+    let t = Token::from_entropy([0xab; 16]);
+    assert_eq!(t.as_str().len(), 33);
+    assert!(t.as_str().starts_with('s'));
+    assert_eq!(Token::parse(t.as_str()), Some(t.clone()));
+    assert!(!format!("{t:?}").contains(&t.as_str()[8..]));
+    assert_eq!(Token::parse(""), None);
+    assert_eq!(Token::parse("has space"), None);
+    assert_eq!(Token::parse(&"x".repeat(65)), None);
+}
+
+#[test]
+fn the_next_deadline_is_the_earliest_and_timers_fire_in_order() {
+    let mut h = Harness::new(config());
+    let (watcher, _) = h.connect("w", "r");
+    let first = h.join("a", "r"); // attach timeout at 30 s
+    h.advance(Duration::from_secs(10));
+    let (c, _) = h.connect("b", "r");
+    h.end_stream(c); // grace ends at 10 + 15 = 25 s
+    let start = h.now - Duration::from_secs(10);
+    assert_eq!(h.broker.poll_timeout(), Some(start + Duration::from_secs(25)));
+    h.advance(Duration::from_secs(15));
+    assert_eq!(h.members("r"), vec!["a", "w"]);
+    assert_eq!(h.broker.poll_timeout(), Some(start + Duration::from_secs(30)));
+    // One big jump fires everything due, in deadline order.
+    let (c, _) = h.connect("c", "r");
+    h.end_stream(c); // grace ends at 40 s
+    h.advance(Duration::from_secs(100));
+    assert_eq!(h.members("r"), vec!["w"]);
+    let leaves: Vec<_> = h.presence(watcher).into_iter().filter(|p| !p.1).map(|p| p.0).collect();
+    assert_eq!(leaves, vec!["b", "a", "c"]);
+    assert_eq!(h.broker.poll_timeout(), None);
+    assert_eq!(code(h.send(first.token.as_str(), "x")), Code::NotFound, "expired, not left");
+}
