@@ -151,7 +151,7 @@ pub fn encode(ev: &Event, max_batch_bytes: usize) -> Vec<Encoded> {
                 if !batcher.is_empty() && batcher.body_len() + bytes.len() + 8 > max_batch_bytes {
                     out.push(batcher.finish());
                 }
-                batcher.push(&bytes);
+                batcher.push(Encoded(GrpcSlice::from(bytes)));
             }
             if !batcher.is_empty() {
                 out.push(batcher.finish());
@@ -163,47 +163,60 @@ pub fn encode(ev: &Event, max_batch_bytes: usize) -> Vec<Encoded> {
 
 /// Builds one `ServerEvent{batch}` from encoded events without decoding them: each
 /// event becomes an `EventBatch.events` entry; an event that is itself a batch
-/// contributes its entries (batches are never nested).
+/// contributes its entries (batches are never nested). The events are held (reference
+/// counts only) until `finish`, which sizes the output exactly and copies each byte once.
 #[derive(Default)]
 pub struct Batcher {
-    body: Vec<u8>,
-    count: usize,
+    parts: Vec<Encoded>,
+    body_len: usize,
 }
 
 impl Batcher {
     /// True when nothing was pushed since the last `finish`.
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.parts.is_empty()
     }
 
     /// Bytes in the batch body so far.
     pub fn body_len(&self) -> usize {
-        self.body.len()
+        self.body_len
     }
 
     /// Appends one encoded `ServerEvent`.
-    pub fn push(&mut self, encoded: &[u8]) {
-        match split_batch(encoded) {
-            Some(entries) => self.body.extend_from_slice(entries),
-            None => {
-                self.body.push(EVENTS_TAG);
-                put_varint(&mut self.body, encoded.len() as u64);
-                self.body.extend_from_slice(encoded);
-            }
-        }
-        self.count += 1;
+    pub fn push(&mut self, event: Encoded) {
+        let bytes = event.0.as_slice();
+        self.body_len += match split_batch(bytes) {
+            Some(entries) => entries.len(),
+            None => 1 + varint_len(bytes.len() as u64) + bytes.len(),
+        };
+        self.parts.push(event);
     }
 
     /// The batch as one encoded `ServerEvent`; the batcher is empty again afterwards.
     pub fn finish(&mut self) -> Encoded {
-        let mut out = Vec::with_capacity(self.body.len() + 11);
+        let total = 1 + varint_len(self.body_len as u64) + self.body_len;
+        let mut out = Vec::with_capacity(total);
         out.push(BATCH_TAG);
-        put_varint(&mut out, self.body.len() as u64);
-        out.extend_from_slice(&self.body);
-        self.body.clear();
-        self.count = 0;
+        put_varint(&mut out, self.body_len as u64);
+        for part in self.parts.drain(..) {
+            let bytes = part.0.as_slice();
+            match split_batch(bytes) {
+                Some(entries) => out.extend_from_slice(entries),
+                None => {
+                    out.push(EVENTS_TAG);
+                    put_varint(&mut out, bytes.len() as u64);
+                    out.extend_from_slice(bytes);
+                }
+            }
+        }
+        debug_assert_eq!(out.len(), total, "the batch was sized exactly");
+        self.body_len = 0;
         Encoded(GrpcSlice::from(out))
     }
+}
+
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 /// If `encoded` is a `ServerEvent{batch}`, the bytes of its `EventBatch` body.
@@ -271,7 +284,7 @@ mod tests {
     fn batch_of_single_events_decodes_in_order() {
         let mut b = Batcher::default();
         for seq in 1..=3 {
-            b.push(encode(&message(seq), 1 << 20)[0].0.as_slice());
+            b.push(encode(&message(seq), 1 << 20).remove(0));
         }
         assert_eq!(seqs(b.finish().0.as_slice()), vec![1, 2, 3]);
         assert!(b.is_empty());
@@ -290,9 +303,19 @@ mod tests {
         let encoded = encode(&backlog, 1 << 20);
         assert_eq!(encoded.len(), 1);
         let mut b = Batcher::default();
-        b.push(encoded[0].0.as_slice());
-        b.push(encode(&message(5), 1 << 20)[0].0.as_slice());
+        b.push(encoded[0].clone());
+        b.push(encode(&message(5), 1 << 20).remove(0));
         assert_eq!(seqs(b.finish().0.as_slice()), vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn varint_lengths() {
+        for v in [0u64, 1, 127, 128, 16_383, 16_384, u64::MAX] {
+            let mut buf = Vec::new();
+            put_varint(&mut buf, v);
+            assert_eq!(buf.len(), varint_len(v), "{v}");
+            assert_eq!(get_varint(&buf), Some((v, buf.len())));
+        }
     }
 
     #[test]

@@ -48,15 +48,14 @@ impl StreamShared {
         self.close.lock().is_some()
     }
 
-    /// Marks the thread idle before parking. Returns the previous value.
+    /// Marks the thread idle (about to park for queue items) or busy.
     pub fn set_idle(&self, idle: bool) {
         self.idle.store(idle, Ordering::SeqCst);
     }
 
-    fn wake_if_idle(&self) {
-        if self.idle.swap(false, Ordering::SeqCst) {
-            self.thread.unpark();
-        }
+    /// True (once) if the thread parked waiting for queue items and must be unparked.
+    fn needs_wake(&self) -> bool {
+        self.idle.load(Ordering::SeqCst) && self.idle.swap(false, Ordering::SeqCst)
     }
 }
 
@@ -77,8 +76,9 @@ pub struct Hub {
     timer_kick: Sender<()>,
 }
 
-/// Streams whose threads must be woken once the lock is released.
-pub type Wakes = Vec<Arc<StreamShared>>;
+/// Threads to unpark once the lock is released (unparking is a system call; it is
+/// kept out of the critical section).
+pub type Wakes = Vec<Thread>;
 
 impl Hub {
     /// A hub around `broker`, with its timer thread started.
@@ -108,9 +108,7 @@ impl Hub {
             self.route(&mut state, &mut wakes);
             result
         };
-        for w in wakes {
-            w.wake_if_idle();
-        }
+        wakes.iter().for_each(Thread::unpark);
         result
     }
 
@@ -146,9 +144,7 @@ impl Hub {
             debug!("stream {conn} ended: {result:?}");
             self.route(&mut state, &mut wakes);
         }
-        for w in wakes {
-            w.wake_if_idle();
-        }
+        wakes.iter().for_each(Thread::unpark);
     }
 
     /// Starts a shutdown: closed streams will linger until `until` (see [`Hub::linger_until`]).
@@ -199,7 +195,9 @@ impl Hub {
                                     .queue
                                     .send(encoded.clone())
                                     .expect("the stream thread owns the receiver");
-                                wakes.push(Arc::clone(route));
+                                if route.needs_wake() {
+                                    wakes.push(route.thread.clone());
+                                }
                             }
                         }
                     }
@@ -235,9 +233,7 @@ impl Hub {
             state.timer_deadline = state.broker.poll_timeout();
             state.timer_deadline
         };
-        for w in wakes {
-            w.wake_if_idle();
-        }
+        wakes.iter().for_each(Thread::unpark);
         next
     }
 }

@@ -266,10 +266,10 @@ fn next_write(rx: &Receiver<Encoded>, batcher: &mut Batcher) -> Option<Encoded> 
     if rx.is_empty() {
         return Some(first);
     }
-    batcher.push(first.0.as_slice());
+    batcher.push(first);
     while batcher.body_len() < MAX_BATCH_BYTES {
         let Ok(next) = rx.try_recv() else { break };
-        batcher.push(next.0.as_slice());
+        batcher.push(next);
     }
     Some(batcher.finish())
 }
