@@ -21,8 +21,7 @@ pub const WAIT: Duration = Duration::from_secs(20);
 /// A server for one test, with the rate limit off unless the test sets one.
 pub fn server(tune: impl FnOnce(&mut ServerConfig)) -> ChatServer {
     let _ = env_logger::builder().is_test(true).try_init();
-    let mut config = ServerConfig::default();
-    config.listen = "127.0.0.1:0".into();
+    let mut config = ServerConfig { listen: "127.0.0.1:0".into(), ..ServerConfig::default() };
     config.broker.rate_limit = None;
     tune(&mut config);
     ChatServer::start(config).expect("server starts on an ephemeral port")
