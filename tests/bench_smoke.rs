@@ -1,0 +1,148 @@
+//! Smoke test of `chat-bench`: a tiny run of every scenario against a server the bench
+//! starts itself (the `chat-server` binary next to it), checking the exit status and
+//! the verification figures of the JSON report. No speed is asserted.
+
+use std::process::{Command, Output};
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_chat-bench"))
+        .args(args)
+        .args(["--json", "--quiet", "--timeout-secs", "20"])
+        .output()
+        .expect("chat-bench runs")
+}
+
+/// Every number that follows `"key": ` in the report (nested objects included).
+fn values(json: &str, key: &str) -> Vec<i64> {
+    let pat = format!("\"{key}\": ");
+    json.match_indices(&pat)
+        .map(|(at, _)| {
+            let rest = &json[at + pat.len()..];
+            let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '-')).unwrap_or(rest.len());
+            rest[..end].parse().unwrap_or_else(|_| panic!("{key} is not an integer in {json}"))
+        })
+        .collect()
+}
+
+fn one(json: &str, key: &str) -> i64 {
+    let v = values(json, key);
+    assert_eq!(v.len(), 1, "expected exactly one {key:?} in {json}");
+    v[0]
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let out = bench(args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "chat-bench {args:?} failed with {}:\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn assert_verified(json: &str) {
+    for key in ["lost", "duplicates", "reordered", "cut_off", "protocol_errors"] {
+        let v = values(json, key);
+        assert!(!v.is_empty(), "no {key:?} in {json}");
+        assert!(v.iter().all(|&n| n == 0), "{key} should be 0 in {json}");
+    }
+}
+
+#[test]
+fn fanout_delivers_everything_in_order() {
+    let json = run_ok(&["fanout", "--rooms", "1", "--members", "5", "--messages", "50", "--rate", "2000"]);
+    assert_verified(&json);
+    assert_eq!(one(&json, "members_checked"), 5);
+    assert_eq!(one(&json, "deliveries"), 250);
+    assert_eq!(one(&json, "received"), 250);
+    assert_eq!(one(&json, "rejected_posts"), 0);
+}
+
+#[test]
+fn fanout_over_two_rooms_via_send() {
+    let json = run_ok(&[
+        "fanout",
+        "--rooms",
+        "2",
+        "--members",
+        "3",
+        "--publishers",
+        "2",
+        "--messages",
+        "40",
+        "--rate",
+        "2000",
+        "--via",
+        "send",
+    ]);
+    assert_verified(&json);
+    assert_eq!(one(&json, "deliveries"), 40 * 3);
+}
+
+#[test]
+fn fanout_ramp_finds_a_sustainable_step() {
+    let json = run_ok(&[
+        "fanout",
+        "--members",
+        "5",
+        "--ramp",
+        "--rate",
+        "200",
+        "--ramp-steps",
+        "2",
+        "--step-secs",
+        "0.2",
+        "--max-p99-ms",
+        "2000",
+    ]);
+    for key in ["duplicates", "reordered"] {
+        assert!(values(&json, key).iter().all(|&n| n == 0), "{key} in {json}");
+    }
+    assert!(json.contains("\"best\": {"), "{json}");
+}
+
+#[test]
+fn streams_are_all_accepted() {
+    let json = run_ok(&["streams", "--streams", "50", "--rooms", "2", "--hold-secs", "0.1"]);
+    assert_eq!(one(&json, "accepted"), 50);
+    assert_eq!(one(&json, "refused"), 0);
+    assert_eq!(one(&json, "cut_off_while_holding"), 0);
+}
+
+#[test]
+fn streams_past_the_limit_are_refused() {
+    let json = run_ok(&["streams", "--streams", "30", "--max-streams", "20", "--hold-secs", "0"]);
+    assert_eq!(one(&json, "accepted"), 20);
+    assert_eq!(one(&json, "refused"), 10);
+    assert_eq!(one(&json, "RESOURCE_EXHAUSTED"), 10);
+}
+
+#[test]
+fn join_replays_the_whole_history() {
+    let json = run_ok(&["join", "--clients", "5", "--history", "50"]);
+    assert_verified(&json);
+    assert_eq!(one(&json, "history_replayed_per_client"), 50);
+    assert_eq!(one(&json, "received"), 5 * 50);
+    assert_eq!(one(&json, "incomplete"), 0);
+}
+
+#[test]
+fn send_calls_all_succeed() {
+    let json = run_ok(&["send", "--callers", "4", "--calls", "100"]);
+    assert_verified(&json);
+    assert_eq!(one(&json, "ok_calls"), 100);
+    assert_eq!(one(&json, "failed_calls"), 0);
+    assert_eq!(one(&json, "received"), 100);
+}
+
+#[test]
+fn unreachable_server_exits_with_2() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let out = bench(&["send", "--server", &addr, "--calls", "1"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach"), "{err}");
+}
