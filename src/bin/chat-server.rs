@@ -58,6 +58,17 @@ struct Args {
     /// Seconds shutdown waits for streams to take their notice.
     #[arg(long, default_value_t = 5.0)]
     shutdown_grace: f64,
+    /// Ceiling on writes per second over all streams (0 = unpaced): a busy stream writes at
+    /// most once per (open streams / this), batching what queued meanwhile; an idle stream
+    /// writes at once. Fewer, larger writes trade a little latency for much more fan-out.
+    #[arg(long, default_value_t = 50_000)]
+    writes_per_second: u32,
+    /// Longest pause between two writes of a busy stream, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    max_write_interval_ms: u64,
+    /// grpcio completion-queue threads (they deliver every read and write completion).
+    #[arg(long, default_value_t = 1)]
+    cq_threads: usize,
     /// Stack size of each stream thread, in KiB.
     #[arg(long, default_value_t = 128)]
     stack_kib: usize,
@@ -98,6 +109,9 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
         queue_capacity: args.queue.max(1),
         stream_stack_size: args.stack_kib.max(64) * 1024,
         shutdown_grace: seconds(args.shutdown_grace, "shutdown-grace")?,
+        writes_per_second: args.writes_per_second,
+        cq_count: args.cq_threads.max(1),
+        max_write_interval: Duration::from_millis(args.max_write_interval_ms),
         ..ServerConfig::default()
     })
 }

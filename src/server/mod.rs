@@ -49,6 +49,12 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Number of grpcio completion-queue threads.
     pub cq_count: usize,
+    /// Ceiling on writes per second over all streams (0 = unpaced). A busy stream writes
+    /// at most once per `open streams / writes_per_second`, batching what queued
+    /// meanwhile; an idle stream writes at once. See `stream::Pacing`.
+    pub writes_per_second: u32,
+    /// Longest pacing interval, whatever the number of streams.
+    pub max_write_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -63,7 +69,9 @@ impl Default for ServerConfig {
             keepalive_time: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
-            cq_count: 2,
+            cq_count: 1,
+            writes_per_second: 50_000,
+            max_write_interval: Duration::from_millis(50),
         }
     }
 }
@@ -98,8 +106,13 @@ impl ChatServer {
         let broker = Broker::new(config.broker.clone(), u64::from_le_bytes(seed));
         let hub = Hub::start(broker, config.queue_capacity)?;
         let limit = StreamLimit::new(config.max_streams);
+        let pacing = Arc::new(stream::Pacing::new(
+            Arc::clone(&limit),
+            config.writes_per_second,
+            config.max_write_interval,
+        ));
         let service =
-            ChatService::new(Arc::clone(&hub), Arc::clone(&limit), config.stream_stack_size).build();
+            ChatService::new(Arc::clone(&hub), Arc::clone(&limit), pacing, config.stream_stack_size).build();
         let health = HealthService::default();
         health.set_serving_status("", ServingStatus::Serving);
         health.set_serving_status("chat.v1.Chat", ServingStatus::Serving);

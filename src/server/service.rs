@@ -17,7 +17,7 @@ use log::{error, info, warn};
 
 use super::encode::{self, deserialize_encoded, serialize_encoded, Encoded};
 use super::hub::{self, Hub};
-use super::stream;
+use super::stream::{self, Pacing};
 use crate::core::{Accepted, Input, Seq};
 use crate::pb;
 
@@ -89,14 +89,20 @@ impl Drop for Permit {
 pub struct ChatService {
     hub: Arc<Hub>,
     limit: Arc<StreamLimit>,
+    pacing: Arc<Pacing>,
     stack_size: usize,
 }
 
 impl ChatService {
     /// A service over `hub`, with at most `limit` concurrent streams, each on a thread
     /// with `stack_size` bytes of stack.
-    pub fn new(hub: Arc<Hub>, limit: Arc<StreamLimit>, stack_size: usize) -> ChatService {
-        ChatService { hub, limit, stack_size }
+    pub fn new(
+        hub: Arc<Hub>,
+        limit: Arc<StreamLimit>,
+        pacing: Arc<Pacing>,
+        stack_size: usize,
+    ) -> ChatService {
+        ChatService { hub, limit, pacing, stack_size }
     }
 
     /// The grpcio service with every `chat.v1.Chat` method.
@@ -167,10 +173,10 @@ impl ChatService {
         let Some(permit) = self.limit.acquire() else {
             return self.refuse_stream(ctx, sink.fail(self.limit_status()).map(|_| ()));
         };
-        let hub = Arc::clone(&self.hub);
+        let (hub, pacing) = (Arc::clone(&self.hub), Arc::clone(&self.pacing));
         self.spawn_stream(move || {
             let _permit = permit;
-            stream::run_chat(hub, requests, sink);
+            stream::run_chat(hub, pacing, requests, sink);
         });
     }
 
@@ -178,10 +184,10 @@ impl ChatService {
         let Some(permit) = self.limit.acquire() else {
             return self.refuse_stream(ctx, sink.fail(self.limit_status()).map(|_| ()));
         };
-        let hub = Arc::clone(&self.hub);
+        let (hub, pacing) = (Arc::clone(&self.hub), Arc::clone(&self.pacing));
         self.spawn_stream(move || {
             let _permit = permit;
-            stream::run_subscribe(hub, req, sink);
+            stream::run_subscribe(hub, pacing, req, sink);
         });
     }
 

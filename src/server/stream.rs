@@ -21,6 +21,7 @@ use log::debug;
 
 use super::encode::{self, Batcher, Encoded};
 use super::hub::{self, Hub, StreamShared, MAX_BATCH_BYTES};
+use super::service::StreamLimit;
 use crate::core::{Close, Input, Token};
 use crate::pb;
 use crate::pb::client_frame::Frame;
@@ -59,6 +60,34 @@ impl EventSink for ServerStreamingSink<Encoded> {
     }
 }
 
+/// How often a busy stream may write. An idle stream writes an event at once; a stream
+/// that wrote less than `interval()` ago waits for the interval to end and then writes
+/// everything that queued up as one batch. The interval grows with the number of open
+/// streams so that all of them together stay near `writes_per_second` — each write costs
+/// a thread wake-up and a C-core operation, and on a few cores those, not bytes, are
+/// what limits fan-out.
+pub struct Pacing {
+    streams: Arc<StreamLimit>,
+    per_stream: Duration,
+    max: Duration,
+}
+
+impl Pacing {
+    /// Pacing for the streams counted by `streams`: at most `writes_per_second` writes
+    /// in total (0 = no pacing), and never an interval above `max`.
+    pub fn new(streams: Arc<StreamLimit>, writes_per_second: u32, max: Duration) -> Pacing {
+        let per_stream =
+            if writes_per_second == 0 { Duration::ZERO } else { Duration::from_secs(1) / writes_per_second };
+        Pacing { streams, per_stream, max }
+    }
+
+    /// The shortest time between two writes of one stream, now.
+    pub fn interval(&self) -> Duration {
+        let open = u32::try_from(self.streams.open()).unwrap_or(u32::MAX);
+        self.per_stream.saturating_mul(open).min(self.max)
+    }
+}
+
 /// A fresh session token from the operating system's random source.
 pub fn new_token() -> Token {
     let mut bytes = [0u8; 16];
@@ -67,16 +96,26 @@ pub fn new_token() -> Token {
 }
 
 /// Runs a `Chat` stream to its end on the current thread.
-pub fn run_chat(hub: Arc<Hub>, requests: RequestStream<pb::ClientFrame>, sink: DuplexSink<Encoded>) {
+pub fn run_chat(
+    hub: Arc<Hub>,
+    pacing: Arc<Pacing>,
+    requests: RequestStream<pb::ClientFrame>,
+    sink: DuplexSink<Encoded>,
+) {
     let (shared, rx) = match hub.open_stream() {
         Ok(opened) => opened,
         Err(rejection) => return finish(sink, Some(encode::rpc_status(&rejection)), Some(requests)),
     };
-    drive(&hub, &shared, &rx, Some(requests), sink);
+    drive(&hub, &pacing, &shared, &rx, Some(requests), sink);
 }
 
 /// Runs a `Subscribe` stream to its end on the current thread.
-pub fn run_subscribe(hub: Arc<Hub>, req: pb::SubscribeRequest, sink: ServerStreamingSink<Encoded>) {
+pub fn run_subscribe(
+    hub: Arc<Hub>,
+    pacing: Arc<Pacing>,
+    req: pb::SubscribeRequest,
+    sink: ServerStreamingSink<Encoded>,
+) {
     let (shared, rx) = match hub.open_stream() {
         Ok(opened) => opened,
         Err(rejection) => return finish(sink, Some(encode::rpc_status(&rejection)), None),
@@ -89,7 +128,7 @@ pub fn run_subscribe(hub: Arc<Hub>, req: pb::SubscribeRequest, sink: ServerStrea
         epoch: crate::core::Epoch(req.epoch),
     });
     hub::log_result("subscribe", &result);
-    drive(&hub, &shared, &rx, None, sink);
+    drive(&hub, &pacing, &shared, &rx, None, sink);
 }
 
 /// How the loop ended.
@@ -104,6 +143,7 @@ enum End {
 
 fn drive<S: EventSink>(
     hub: &Hub,
+    pacing: &Pacing,
     shared: &StreamShared,
     rx: &Receiver<Encoded>,
     mut requests: Option<RequestStream<pb::ClientFrame>>,
@@ -114,6 +154,7 @@ fn drive<S: EventSink>(
     let mut batcher = Batcher::default();
     let mut reading = requests.is_some();
     let mut writing = false;
+    let mut next_write_at = Instant::now();
     let mut closing: Option<Close> = None;
     let end = 'run: loop {
         let mut busy = false;
@@ -138,11 +179,17 @@ fn drive<S: EventSink>(
             }
         }
 
-        // The write in flight; polling also notices a call the client cancelled.
-        match Pin::new(&mut sink).poll_flush(&mut cx) {
-            Poll::Ready(Ok(())) => writing = false,
-            Poll::Ready(Err(_)) => break 'run End::Gone,
-            Poll::Pending => {}
+        // The write in flight. A busy stream does not look at it before its pacing
+        // interval is over, so grpcio holds no waker of ours and its completion wakes
+        // nobody; events queued meanwhile go out together in the next batch. Polling an
+        // idle sink also notices a call the client cancelled.
+        let now = Instant::now();
+        if !writing || now >= next_write_at {
+            match Pin::new(&mut sink).poll_flush(&mut cx) {
+                Poll::Ready(Ok(())) => writing = false,
+                Poll::Ready(Err(_)) => break 'run End::Gone,
+                Poll::Pending => {}
+            }
         }
 
         if closing.is_none() {
@@ -153,13 +200,14 @@ fn drive<S: EventSink>(
         }
 
         // The next write: everything queued, as one batch.
-        if !writing {
+        if !writing && now >= next_write_at {
             if let Some(item) = next_write(rx, &mut batcher) {
                 let flags = WriteFlags::default();
                 if Pin::new(&mut sink).start_send((item, flags)).is_err() {
                     break 'run End::Gone;
                 }
                 writing = true;
+                next_write_at = now + pacing.interval();
                 continue;
             }
             if let Some(close) = closing.take() {
@@ -167,16 +215,24 @@ fn drive<S: EventSink>(
             }
         }
 
-        if !busy {
-            if !writing {
-                shared.set_idle(true);
-                if rx.is_empty() && !shared.close_pending() {
-                    thread::park();
-                }
-                shared.set_idle(false);
-            } else {
+        if busy {
+            continue;
+        }
+        let queued = !rx.is_empty() || closing.is_some();
+        if now < next_write_at && (writing || queued) {
+            // Pacing: come back when the interval is over (a close or a frame may wake
+            // us earlier).
+            thread::park_timeout(next_write_at - now);
+        } else if writing {
+            // The write is still in flight after the interval (a slow reader): its
+            // completion wakes us.
+            thread::park();
+        } else {
+            shared.set_idle(true);
+            if rx.is_empty() && !shared.close_pending() {
                 thread::park();
             }
+            shared.set_idle(false);
         }
     };
 
