@@ -171,7 +171,13 @@ impl ChatService {
 
     fn chat(&self, ctx: RpcContext, requests: RequestStream<pb::ClientFrame>, sink: DuplexSink<Encoded>) {
         let Some(permit) = self.limit.acquire() else {
-            return self.refuse_stream(ctx, sink.fail(self.limit_status()).map(|_| ()));
+            // The request stream must outlive the status: dropping it first cancels the
+            // call, and the client would see CANCELLED instead of RESOURCE_EXHAUSTED.
+            let fail = sink.fail(self.limit_status());
+            return self.refuse_stream(ctx, async move {
+                let _ = fail.await;
+                drop(requests);
+            });
         };
         let (hub, pacing) = (Arc::clone(&self.hub), Arc::clone(&self.pacing));
         self.spawn_stream(move || {
