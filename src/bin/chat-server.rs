@@ -61,7 +61,7 @@ struct Args {
     /// Ceiling on writes per second over all streams (0 = unpaced): a busy stream writes at
     /// most once per (open streams / this), batching what queued meanwhile; an idle stream
     /// writes at once. Fewer, larger writes trade a little latency for much more fan-out.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 35_000)]
     writes_per_second: u32,
     /// Longest pause between two writes of a busy stream, in milliseconds.
     #[arg(long, default_value_t = 50)]

@@ -70,7 +70,7 @@ impl Default for ServerConfig {
             keepalive_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
             cq_count: 1,
-            writes_per_second: 50_000,
+            writes_per_second: 35_000,
             max_write_interval: Duration::from_millis(50),
         }
     }
