@@ -566,18 +566,6 @@ pub fn run(a: &FanoutArgs, g: &Global, target: &Target) -> Outcome {
         }
         verdict.clean() && rejected == 0 && protocol_errors == 0 && p.errors == 0
     };
-    report.push(
-        "verify",
-        Obj::new()
-            .set("members_checked", verdict.checked)
-            .set("received", verdict.received)
-            .set("lost", verdict.lost)
-            .set("duplicates", verdict.duplicates)
-            .set("reordered", verdict.reordered)
-            .set("cut_off", verdict.cut_off)
-            .set("rejected_posts", rejected)
-            .set("protocol_errors", protocol_errors)
-            .set("ok", ok),
-    );
+    report.push("verify", verdict.report(Some(rejected), protocol_errors, ok));
     Outcome::Done { report, ok }
 }

@@ -173,17 +173,6 @@ pub fn run(a: &JoinArgs, g: &Global, target: &Target) -> Outcome {
         .set("incomplete", incomplete)
         .set("hello_to_welcome", latency(&Summary::of(&to_welcome)))
         .set("hello_to_last_history", latency(&Summary::of(&to_last)))
-        .set(
-            "verify",
-            Obj::new()
-                .set("members_checked", verdict.checked)
-                .set("received", verdict.received)
-                .set("lost", verdict.lost)
-                .set("duplicates", verdict.duplicates)
-                .set("reordered", verdict.reordered)
-                .set("cut_off", verdict.cut_off)
-                .set("protocol_errors", protocol_errors)
-                .set("ok", ok),
-        );
+        .set("verify", verdict.report(None, protocol_errors, ok));
     Outcome::Done { report, ok }
 }

@@ -220,17 +220,6 @@ pub fn run(a: &SendArgs, g: &Global, target: &Target) -> Outcome {
         .set("calls_per_s", (ok_calls as f64 / secs.max(1e-9)).round())
         .set("call_latency", latency(&Summary::of(&rtt)))
         .set("delivery_latency", latency(&delivery))
-        .set(
-            "verify",
-            Obj::new()
-                .set("members_checked", verdict.checked)
-                .set("received", verdict.received)
-                .set("lost", verdict.lost)
-                .set("duplicates", verdict.duplicates)
-                .set("reordered", verdict.reordered)
-                .set("cut_off", verdict.cut_off)
-                .set("protocol_errors", protocol_errors)
-                .set("ok", ok),
-        );
+        .set("verify", verdict.report(None, protocol_errors, ok));
     Outcome::Done { report, ok }
 }

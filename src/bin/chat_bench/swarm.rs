@@ -462,6 +462,21 @@ impl Verdict {
     pub fn clean(&self) -> bool {
         self.lost == 0 && self.duplicates == 0 && self.reordered == 0 && self.cut_off == 0
     }
+
+    /// The `verify` section of a report; `rejected_posts` only where posts are counted.
+    pub fn report(&self, rejected_posts: Option<u64>, protocol_errors: u64, ok: bool) -> crate::report::Obj {
+        let mut obj = crate::report::Obj::new()
+            .set("members_checked", self.checked)
+            .set("received", self.received)
+            .set("lost", self.lost)
+            .set("duplicates", self.duplicates)
+            .set("reordered", self.reordered)
+            .set("cut_off", self.cut_off);
+        if let Some(rejected) = rejected_posts {
+            obj = obj.set("rejected_posts", rejected);
+        }
+        obj.set("protocol_errors", protocol_errors).set("ok", ok)
+    }
 }
 
 /// Checks every welcomed member against the last `seq` of its room.
