@@ -94,6 +94,20 @@ impl Harness {
     }
 }
 
+/// What a rejoin under the same name in `general` answers: a new token, an empty room.
+fn rejoined(session: &str, epoch: u64) -> Joined {
+    Joined {
+        user: "alice".into(),
+        room: "general".into(),
+        session: session.into(),
+        members: vec![],
+        member_count: 1,
+        last_seq: 0,
+        epoch,
+        history_limit: 500,
+    }
+}
+
 fn shown_seqs(actions: &[Action]) -> Vec<u64> {
     actions
         .iter()
@@ -242,16 +256,7 @@ fn lost_session_rejoins_and_reports_the_gap_of_a_new_epoch() {
     let (s2, _) = h.opened();
     let a = h.end(s2, Code::NotFound);
     assert_eq!(a, vec![Action::Rejoin { user: "alice".into(), room: "general".into() }]);
-    let joined = Joined {
-        user: "alice".into(),
-        room: "general".into(),
-        session: "tok2".into(),
-        members: vec![],
-        member_count: 1,
-        last_seq: 0,
-        epoch: 8,
-        history_limit: 500,
-    };
+    let joined = rejoined("tok2", 8);
     h.s.handle_rejoined(h.now, &joined);
     let (s3, hello) = h.opened();
     assert_eq!(hello, HelloParams { session: "tok2".into(), since_seq: 9, epoch: 7 });
@@ -358,16 +363,7 @@ fn a_session_lost_again_right_after_a_rejoin_backs_off() {
         h.end(s, Code::NotFound),
         vec![Action::Rejoin { user: "alice".into(), room: "general".into() }]
     );
-    let mut joined = Joined {
-        user: "alice".into(),
-        room: "general".into(),
-        session: "tok2".into(),
-        members: vec![],
-        member_count: 1,
-        last_seq: 0,
-        epoch: 7,
-        history_limit: 500,
-    };
+    let mut joined = rejoined("tok2", 7);
     h.s.handle_rejoined(h.now, &joined);
     let (s2, _) = h.opened();
     let a = h.end(s2, Code::NotFound);

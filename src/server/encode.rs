@@ -254,15 +254,23 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn message(seq: u64) -> Event {
-        Event::Message(Arc::new(core::Message {
+    fn chat(seq: u64) -> Arc<core::Message> {
+        Arc::new(core::Message {
             room: "r".into(),
             user: "u".into(),
             text: format!("text {seq}"),
             seq: core::Seq(seq),
             sent_at_ms: 7,
             client_msg_id: String::new(),
-        }))
+        })
+    }
+
+    fn message(seq: u64) -> Event {
+        Event::Message(chat(seq))
+    }
+
+    fn backlog(seqs: std::ops::RangeInclusive<u64>) -> Event {
+        Event::Backlog(seqs.map(chat).collect())
     }
 
     fn seqs(bytes: &[u8]) -> Vec<u64> {
@@ -292,14 +300,7 @@ mod tests {
 
     #[test]
     fn batches_are_flattened_not_nested() {
-        let backlog = Event::Backlog(
-            (1..=4)
-                .map(|s| match message(s) {
-                    Event::Message(m) => m,
-                    _ => unreachable!("message() makes messages"),
-                })
-                .collect(),
-        );
+        let backlog = backlog(1..=4);
         let encoded = encode(&backlog, 1 << 20);
         assert_eq!(encoded.len(), 1);
         let mut b = Batcher::default();
@@ -320,14 +321,7 @@ mod tests {
 
     #[test]
     fn large_backlog_is_split_by_size() {
-        let backlog = Event::Backlog(
-            (1..=100)
-                .map(|s| match message(s) {
-                    Event::Message(m) => m,
-                    _ => unreachable!("message() makes messages"),
-                })
-                .collect(),
-        );
+        let backlog = backlog(1..=100);
         let encoded = encode(&backlog, 200);
         assert!(encoded.len() > 1);
         let all: Vec<u64> = encoded.iter().flat_map(|e| seqs(e.0.as_slice())).collect();
