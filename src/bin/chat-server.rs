@@ -59,8 +59,9 @@ struct Args {
     #[arg(long, default_value_t = 5.0)]
     shutdown_grace: f64,
     /// Ceiling on writes per second over all streams (0 = unpaced): a busy stream writes
-    /// about once per (open streams / this), on shared ticks, batching what queued meanwhile; an idle stream
-    /// writes at once. Fewer, larger writes trade a little latency for much more fan-out.
+    /// about once per (open streams / this), on shared ticks, batching what queued
+    /// meanwhile; an idle stream writes at once. Fewer, larger writes trade a little
+    /// latency for much more fan-out.
     #[arg(long, default_value_t = 35_000)]
     writes_per_second: u32,
     /// Longest pause between two writes of a busy stream, in milliseconds.

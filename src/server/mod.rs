@@ -50,8 +50,8 @@ pub struct ServerConfig {
     /// Number of grpcio completion-queue threads.
     pub cq_count: usize,
     /// Ceiling on writes per second over all streams (0 = unpaced). A busy stream writes
-    /// about once per `open streams / writes_per_second`, on shared ticks, batching what queued
-    /// meanwhile; an idle stream writes at once. See `stream::Pacing`.
+    /// about once per `open streams / writes_per_second`, on shared ticks, batching what
+    /// queued meanwhile; an idle stream writes at once. See `stream::Pacing`.
     pub writes_per_second: u32,
     /// Longest pacing interval, whatever the number of streams.
     pub max_write_interval: Duration,

@@ -107,7 +107,7 @@ impl Pacing {
 }
 
 /// The first tick of `group` after `now`, on a grid of `interval` that starts at `epoch`
-/// shifted by `group / TICK_GROUPS` of an interval. `now` must not be before `epoch`.
+/// shifted by `group / TICK_GROUPS` of an interval (a `now` before `epoch` counts as `epoch`).
 fn next_tick(epoch: Instant, now: Instant, interval: Duration, group: u64) -> Instant {
     let step = interval.as_nanos();
     if step == 0 {
