@@ -20,26 +20,18 @@ pub enum Val {
     Arr(Vec<Val>),
 }
 
-impl From<u64> for Val {
-    fn from(v: u64) -> Val {
-        Val::Int(v as i64)
-    }
+/// Integer counts and sizes become `Val::Int` (they stay far below `i64::MAX`).
+macro_rules! int_val {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Val {
+            fn from(v: $t) -> Val {
+                Val::Int(v as i64)
+            }
+        }
+    )*};
 }
-impl From<usize> for Val {
-    fn from(v: usize) -> Val {
-        Val::Int(v as i64)
-    }
-}
-impl From<i64> for Val {
-    fn from(v: i64) -> Val {
-        Val::Int(v)
-    }
-}
-impl From<u32> for Val {
-    fn from(v: u32) -> Val {
-        Val::Int(v as i64)
-    }
-}
+int_val!(u64, usize, i64, u32);
+
 impl From<f64> for Val {
     fn from(v: f64) -> Val {
         Val::Num(v)
