@@ -106,35 +106,38 @@ impl Pacing {
     }
 
     /// When stream `conn`, whose write is still in flight at its tick while more events
-    /// wait, looks again — without being woken by the write's completion. `None` without
-    /// pacing: then the completion wakes it.
+    /// wait, looks again — without being woken by the write's completion — after
+    /// `retries` earlier looks found it in flight too. `None` without pacing: then the
+    /// completion wakes it.
     ///
     /// A write still in flight after a whole interval means the server is behind (the
     /// completion-queue thread or the socket) or the client reads slowly. Waiting for the
-    /// completion would add a wake-up per write just when the CPU is short, and the next
-    /// tick would come round again at once; measured on 2 cores with one connection at
-    /// 60 k writes/s, that fed on itself until latency reached seconds. Backing off to the
-    /// longest interval instead sheds writes (each then carries more events) and costs a
-    /// stuck client at most one wake-up per `max`.
-    pub fn retry_write(&self, conn: ConnId, now: Instant) -> Option<Instant> {
-        retry_tick(self.epoch, now, self.interval(), self.max, conn.get())
+    /// completion would add a wake-up per write just when the CPU is short; measured on 2
+    /// cores with one connection at 60 k writes/s, that fed on itself until latency reached
+    /// seconds. So the stream looks again on its next tick, then after 2, 4, … intervals,
+    /// at most `max` apart: a brief delay costs at most one tick, and a stuck client at
+    /// most one wake-up per `max` once the doubling has reached it.
+    pub fn retry_write(&self, conn: ConnId, now: Instant, retries: u32) -> Option<Instant> {
+        retry_tick(self.epoch, now, self.interval(), self.max, retries, conn.get())
     }
 }
 
-/// The tick of `group` at which a stream whose write was still in flight at `now` looks
-/// again: the first one after `max` less one `interval` (so at most `max` away), or `None`
-/// without pacing.
+/// The tick of `group` at which a stream whose write was still in flight at `now` (and at
+/// `retries` looks before) looks again: the last of its ticks at most `interval × 2^retries`
+/// away, or at most `max` away if that is shorter; `None` without pacing.
 fn retry_tick(
     epoch: Instant,
     now: Instant,
     interval: Duration,
     max: Duration,
+    retries: u32,
     group: u64,
 ) -> Option<Instant> {
     if interval.is_zero() {
         return None;
     }
-    Some(next_tick(epoch, now + max.saturating_sub(interval), interval, group))
+    let wait = interval.saturating_mul(1 << retries.min(16)).min(max.max(interval));
+    Some(next_tick(epoch, now + (wait - interval), interval, group))
 }
 
 /// The first tick of `group` (taken modulo [`TICK_GROUPS`]) after `now`, on a grid of `interval` that starts at `epoch`
@@ -217,6 +220,8 @@ fn drive<S: EventSink>(
     let mut batcher = Batcher::default();
     let mut reading = requests.is_some();
     let mut writing = false;
+    // Looks in a row that found the write still in flight at a tick.
+    let mut retries = 0u32;
     let mut next_write_at = Instant::now();
     let mut closing: Option<Close> = None;
     let end = 'run: loop {
@@ -251,13 +256,21 @@ fn drive<S: EventSink>(
             // A busy stream whose write is still in flight at its tick does not ask to be
             // woken by the completion either: it backs off to a later tick (see
             // `Pacing::retry_write`).
-            let retry_at =
-                if writing && !rx.is_empty() { pacing.retry_write(shared.conn(), now) } else { None };
+            let retry_at = if writing && !rx.is_empty() {
+                pacing.retry_write(shared.conn(), now, retries)
+            } else {
+                None
+            };
             let mut unwoken = Context::from_waker(Waker::noop());
             match Pin::new(&mut sink).poll_flush(if retry_at.is_some() { &mut unwoken } else { &mut cx }) {
-                Poll::Ready(Ok(())) => writing = false,
+                Poll::Ready(Ok(())) => (writing, retries) = (false, 0),
                 Poll::Ready(Err(_)) => break 'run End::Gone,
-                Poll::Pending => next_write_at = retry_at.unwrap_or(next_write_at),
+                Poll::Pending => {
+                    if let Some(at) = retry_at {
+                        next_write_at = at;
+                        retries += 1;
+                    }
+                }
             }
         }
 
@@ -473,26 +486,34 @@ mod tests {
         let epoch = Instant::now();
         let now = epoch + 5 * MS;
         assert_eq!(next_tick(epoch, now, Duration::ZERO, 7), now);
-        assert_eq!(retry_tick(epoch, now, Duration::ZERO, 50 * MS, 7), None, "the completion wakes it");
+        assert_eq!(retry_tick(epoch, now, Duration::ZERO, 50 * MS, 0, 7), None, "the completion wakes it");
     }
 
     #[test]
-    fn a_stream_still_writing_at_its_tick_retries_on_its_own_tick_at_most_max_later() {
+    fn a_stream_still_writing_at_its_tick_retries_on_its_own_ticks_doubling_up_to_max() {
         let epoch = Instant::now();
         let max = 50 * MS;
         for interval in [MS, 16 * MS, 29 * MS, max] {
             for group in 0..TICK_GROUPS {
                 for at in [0u64, 7, 64, 1000, 123_457] {
                     let now = epoch + Duration::from_micros(at * 250);
-                    let retry = retry_tick(epoch, now, interval, max, group).expect("paced");
-                    assert!(retry > now + max - interval && retry <= now + max, "{interval:?} {group} {at}");
-                    let on_grid = next_tick(epoch, retry - Duration::from_nanos(1), interval, group);
-                    assert_eq!(retry, on_grid, "{interval:?} {group} {at}: not one of the group's ticks");
+                    for retries in 0..40 {
+                        let retry = retry_tick(epoch, now, interval, max, retries, group).expect("paced");
+                        let wait = (interval * 2u32.pow(retries.min(20))).min(max);
+                        let case =
+                            format!("interval {interval:?}, group {group}, at {at}, retries {retries}");
+                        assert!(retry > now + wait - interval && retry <= now + wait, "{case}");
+                        let on_grid = next_tick(epoch, retry - Duration::from_nanos(1), interval, group);
+                        assert_eq!(retry, on_grid, "{case}: not one of the group's ticks");
+                    }
                 }
             }
         }
-        // With the longest interval, that is simply the next tick.
+        // The first look again is simply the next tick.
         let now = epoch + 77 * MS;
-        assert_eq!(retry_tick(epoch, now, max, max, 3), Some(next_tick(epoch, now, max, 3)));
+        assert_eq!(retry_tick(epoch, now, 16 * MS, max, 0, 3), Some(next_tick(epoch, now, 16 * MS, 3)));
+        // 1 ms ticks: 1, 2, 4, …, 32 ms, then 50 ms from there on.
+        let waits: Vec<_> = (0..8).map(|r| retry_tick(epoch, now, MS, max, r, 0).unwrap() - now).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 50, 50].map(|ms| ms * MS));
     }
 }
