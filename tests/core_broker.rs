@@ -204,6 +204,44 @@ fn replay_since_zero_is_everything_retained_without_gap() {
 }
 
 #[test]
+fn a_resume_from_zero_is_owed_everything_since_the_join() {
+    // Bob joins an empty room (history 5) and his stream drops before he reads anything;
+    // 9 messages later he resumes with since 0, the only seq he has. 1..=4 are gone.
+    let mut h = small_history(5);
+    let (a, _) = h.connect("ann", "r");
+    let (b, token) = h.connect("bob", "r");
+    h.end_stream(b);
+    for i in 1..=9 {
+        h.post(a, &format!("t{i}")).unwrap();
+    }
+    let (c, r) = h.try_attach(&token, 0, Epoch(0));
+    assert!(matches!(r, Ok(Accepted::Attached { gap: true, resumed: true, replayed: 5, .. })), "{r:?}");
+    assert!(h.welcome(c).gap, "a session that joined at 0 missed 1..=4: never silent loss");
+    assert_eq!(h.backlog_seqs(c), vec![5, 6, 7, 8, 9]);
+
+    // Nothing is owed from before the join: Cid joins at 9, where 5..=9 are retained,
+    // and resumes from 0 after 3 more; everything after 9 is still there.
+    let (d, token) = h.connect("cid", "r");
+    h.end_stream(d);
+    for i in 10..=12 {
+        h.post(a, &format!("t{i}")).unwrap();
+    }
+    let (c, r) = h.try_attach(&token, 0, Epoch(0));
+    assert!(matches!(r, Ok(Accepted::Attached { gap: false, resumed: true, .. })), "{r:?}");
+    assert!(!h.welcome(c).gap);
+    assert_eq!(h.backlog_seqs(c), vec![8, 9, 10, 11, 12], "since 0 still replays all that is retained");
+
+    // A later since is trusted as it is: Cid saw up to 12, resumes after 7 more (retains 15..=19).
+    h.end_stream(c);
+    for i in 13..=19 {
+        h.post(a, &format!("t{i}")).unwrap();
+    }
+    let (c, r) = h.try_attach(&token, 12, Epoch(0));
+    assert!(matches!(r, Ok(Accepted::Attached { gap: true, replayed: 5, .. })), "{r:?}");
+    assert_eq!(h.backlog_seqs(c), vec![15, 16, 17, 18, 19]);
+}
+
+#[test]
 fn replay_since_beyond_last_seq_is_a_new_log() {
     let (mut h, token, _) = room_with(3);
     let (c, r) = h.try_attach(&token, 40, Epoch(0));

@@ -230,6 +230,7 @@ impl Broker {
                 room,
                 conn: None,
                 ever_attached: false,
+                joined_at: last_seq,
                 recent: RecentIds::new(self.config.dedup_window),
                 bucket: self.config.rate_limit.map(|l| Bucket::new(l, now)),
             },

@@ -69,12 +69,16 @@ impl Room {
 
     /// What a reader that saw everything up to `since` in log `epoch` must be sent.
     /// `epoch` 0 means "unknown": the reader's `since` is trusted if it is plausible.
-    pub(crate) fn replay(&self, since: Seq, epoch: Epoch) -> Replay {
+    /// `since` 0 asks for everything retained and by itself claims nothing is owed, but
+    /// a resuming session passes `owed_after`, the room's last seq when it joined: having
+    /// seen nothing, it is still owed every message after that one.
+    pub(crate) fn replay(&self, since: Seq, epoch: Epoch, owed_after: Option<Seq>) -> Replay {
         let same_log = (epoch.0 == 0 || epoch == self.epoch) && since <= self.last_seq;
         if !same_log {
             return Replay { messages: self.history_since(Seq(0), 0), gap: since.0 > 0 };
         }
-        let gap = since.0 > 0 && since.next() < self.first_retained();
+        let owed_after = if since.0 > 0 { Some(since) } else { owed_after };
+        let gap = owed_after.is_some_and(|seen| seen.next() < self.first_retained());
         Replay { messages: self.history_since(since, 0), gap }
     }
 

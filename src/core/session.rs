@@ -16,6 +16,8 @@ pub(crate) struct Session {
     pub(crate) conn: Option<ConnId>,
     /// It has been attached at least once (a later attach is a resume).
     pub(crate) ever_attached: bool,
+    /// The room's last seq when it joined: it is owed every message after that one.
+    pub(crate) joined_at: Seq,
     pub(crate) recent: RecentIds,
     pub(crate) bucket: Option<Bucket>,
 }

@@ -60,7 +60,7 @@ impl Broker {
         self.conns.insert(conn, Conn::Attached { room: Arc::clone(&room), session: None });
         let r = self.rooms.get_mut(&room).expect("room_for_join returns an existing room");
         r.add_listener(conn);
-        Ok(self.welcome(conn, &room, None, "".into(), since, epoch, false))
+        Ok(self.welcome(conn, &room, None, "".into(), (since, epoch), None))
     }
 
     /// A stream's opening frame (hello or subscribe) comes once: a second one closes the
@@ -106,6 +106,7 @@ impl Broker {
         let session = self.sessions.get_mut(&id).expect("attach is called with a live session");
         let previous = session.conn.replace(conn);
         let resumed = std::mem::replace(&mut session.ever_attached, true);
+        let owed_after = resumed.then_some(session.joined_at);
         let (room, user, token) =
             (Arc::clone(&session.room), Arc::clone(&session.user), session.token.clone());
         self.timers.cancel(id);
@@ -118,24 +119,24 @@ impl Broker {
         }
         r.add_listener(conn);
         self.conns.insert(conn, Conn::Attached { room: Arc::clone(&room), session: Some(id) });
-        self.welcome(conn, &room, Some(token), user, since, epoch, resumed)
+        self.welcome(conn, &room, Some(token), user, (since, epoch), owed_after)
     }
 
-    /// Queues the welcome for `conn`, then the replay of what it missed.
-    #[allow(clippy::too_many_arguments)]
+    /// Queues the welcome for `conn`, then the replay of what it missed after `since` in
+    /// log `epoch`. `owed_after` is given when a session resumes: see `Room::replay`.
     pub(super) fn welcome(
         &mut self,
         conn: ConnId,
         room: &Arc<str>,
         token: Option<Token>,
         user: Arc<str>,
-        since: Seq,
-        epoch: Epoch,
-        resumed: bool,
+        (since, epoch): (Seq, Epoch),
+        owed_after: Option<Seq>,
     ) -> Accepted {
+        let resumed = owed_after.is_some();
         let members = self.member_list(room);
         let r = &self.rooms[room];
-        let replay = r.replay(since, epoch);
+        let replay = r.replay(since, epoch, owed_after);
         let welcome = Welcome {
             session: token.clone(),
             user: Arc::clone(&user),
