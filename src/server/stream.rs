@@ -111,7 +111,8 @@ impl Pacing {
     /// completion wakes it.
     ///
     /// A write still in flight after a whole interval means the server is behind (the
-    /// completion-queue thread or the socket) or the client reads slowly. Waiting for the
+    /// completion-queue thread) or the client's flow-control window is full (C-core
+    /// completes a write once the window takes it, not when the socket does). Waiting for the
     /// completion would add a wake-up per write just when the CPU is short; measured on 2
     /// cores with one connection at 60 k writes/s, that fed on itself until latency reached
     /// seconds. So the stream looks again on its next tick, then after 2, 4, … intervals,
@@ -268,7 +269,7 @@ fn drive<S: EventSink>(
                 Poll::Pending => {
                     if let Some(at) = retry_at {
                         next_write_at = at;
-                        retries += 1;
+                        retries = retries.saturating_add(1);
                     }
                 }
             }
