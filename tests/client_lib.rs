@@ -269,3 +269,69 @@ fn piped_bursts_survive_the_rate_limit() {
     assert_eq!(got, want, "every line arrives exactly once");
     alice.leave().unwrap();
 }
+
+#[test]
+fn a_post_too_big_for_the_server_is_rejected_and_the_next_one_goes_out() {
+    let server = server();
+    let client = connect(&server.addr());
+    let alice = client.enter("alice", "general").unwrap();
+    welcome(&alice);
+    // Over gRPC's receive limit (1 KiB above the 4096-byte text limit): the server's
+    // transport refuses the frame and ends the stream, so re-sending it would never end.
+    let big = alice.post("z".repeat(6000)).unwrap();
+    alice.post("after the big one").unwrap();
+    let seen = wait_for(&alice, "the rejection", |e| matches!(e, Event::PostRejected { .. }));
+    match seen.last() {
+        Some(Event::PostRejected { client_msg_id, code, reason }) => {
+            assert_eq!((client_msg_id, *code), (&big, grpc_chat::client::Code::ResourceExhausted));
+            assert!(reason.ends_with("the server takes at most 5120"), "{reason}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    wait_for(&alice, "the next post", |e| is_text(e, "after the big one"));
+    alice.wait_acked(DEADLINE).unwrap();
+    // Now the session knows the limit: the next big post is refused without a round trip.
+    let big = alice.post("y".repeat(5200)).unwrap();
+    let seen = wait_for(&alice, "the second rejection", |e| matches!(e, Event::PostRejected { .. }));
+    assert!(!seen.iter().any(|e| matches!(e, Event::Disconnected { .. })), "{seen:?}");
+    assert!(matches!(seen.last(), Some(Event::PostRejected { client_msg_id, .. }) if *client_msg_id == big));
+    assert_eq!(texts_of(&client.history("general", 0, 0).unwrap()), vec!["after the big one"]);
+    alice.leave().unwrap();
+}
+
+#[test]
+fn a_session_that_expired_before_it_saw_anything_rejoins_and_reports_the_gap() {
+    let mut config = ServerConfig { listen: "127.0.0.1:0".into(), ..Default::default() };
+    config.broker.history_limit = 5;
+    config.broker.resume_grace = Duration::from_millis(1);
+    let server = ChatServer::start(config).unwrap();
+    let client = connect(&server.addr());
+    // Bob keeps the room (and its epoch) alive; nobody has posted yet.
+    let bob = client.join("bob", "quiet").unwrap();
+    let mut chat_config = ChatConfig::default();
+    // Reconnect only when told to, after the session has expired on the server.
+    chat_config.session.backoff_initial = Duration::from_secs(600);
+    let alice = client.chat(&client.join("alice", "quiet").unwrap(), chat_config);
+    welcome(&alice);
+    let (first_token, epoch) = (alice.state().session, alice.state().epoch);
+    server.drop_all_streams();
+    wait_for(&alice, "the drop", |e| matches!(e, Event::Disconnected { .. }));
+    let end = Instant::now() + DEADLINE;
+    while client.list_members("quiet").unwrap().contains(&"alice".to_owned()) {
+        assert!(Instant::now() < end, "alice's session never expired");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Ten messages while she is away; the room keeps the last five.
+    for i in 1..=10 {
+        client.send(&bob.session, &format!("m{i}"), &format!("b{i}")).unwrap();
+    }
+    alice.retry_now();
+    let seen = wait_for(&alice, "m10", |e| is_text(e, "m10"));
+    let gap = seen.iter().position(|e| *e == Event::Gap).expect("the gap is reported");
+    let first = seen.iter().position(|e| is_text(e, "m6")).expect("the retained messages follow");
+    assert!(gap < first, "{seen:?}");
+    assert_eq!(texts(&seen), vec!["m6", "m7", "m8", "m9", "m10"]);
+    assert_ne!(alice.state().session, first_token, "she joined again: a new session");
+    assert_eq!(alice.state().epoch, epoch, "in the same log: no epoch change told her");
+    alice.leave().unwrap();
+}

@@ -413,3 +413,127 @@ fn posts_refused_for_posting_too_fast_are_paused_and_resent() {
     );
     assert_eq!(h.s.pending_posts(), 1);
 }
+
+#[test]
+fn a_rejoin_from_seq_0_reports_the_messages_missed_meanwhile() {
+    // Joined an empty room, saw nothing, then stayed away longer than the server keeps a
+    // session: the rejoin is a new session, which the server owes only what it retains,
+    // and resuming from 0 means "whatever is retained" to it, so its welcome has no gap.
+    let (mut h, s) = Harness::live(0);
+    h.end(s, Code::Unavailable);
+    h.advance(Duration::from_secs(1));
+    let (s2, _) = h.opened();
+    h.end(s2, Code::NotFound);
+    h.s.handle_rejoined(h.now, &rejoined("tok2", 7));
+    let (s3, hello) = h.opened();
+    assert_eq!(hello.since_seq, 0);
+    let a = h.welcome(s3, 3000, 7, false);
+    assert!(!a.contains(&Action::Emit(Event::Gap)), "the welcome does not know");
+    // The replay starts at 2501: seqs 1..=2500 were missed.
+    let a = h.message(s3, 2501, "bob", "");
+    assert_eq!(a.iter().filter(|a| **a == Action::Emit(Event::Gap)).count(), 1, "{a:?}");
+    assert_eq!(
+        a.last(),
+        Some(&Action::Emit(Event::Message(Message {
+            room: "general".into(),
+            user: "bob".into(),
+            text: "m2501".into(),
+            seq: 2501,
+            sent_at_ms: 0,
+            client_msg_id: String::new(),
+        }))),
+        "the gap is reported before the message"
+    );
+    assert!(!h.message(s3, 2502, "bob", "").contains(&Action::Emit(Event::Gap)), "once");
+}
+
+#[test]
+fn a_jump_in_seqs_is_a_gap_once_per_welcome_but_history_before_the_join_is_not() {
+    // Joined at seq 3000 and asked for the history: it starts wherever the server's
+    // retention starts, and that is no loss.
+    let mut h = Harness::new(3000, 0);
+    let (s, _) = h.opened();
+    h.welcome(s, 3000, 7, false);
+    for seq in 2501..=3000 {
+        assert!(!h.message(s, seq, "bob", "").contains(&Action::Emit(Event::Gap)), "seq {seq}");
+    }
+    assert!(h.s.is_live());
+    // A live message that skips one: the member missed seq 3001.
+    assert!(h.message(s, 3002, "bob", "").contains(&Action::Emit(Event::Gap)));
+    assert!(!h.message(s, 3004, "bob", "").contains(&Action::Emit(Event::Gap)), "once per welcome");
+    // A resume that the server reports as a gap is reported once, not again at the jump.
+    h.end(s, Code::Unavailable);
+    h.advance(Duration::from_secs(1));
+    let (s2, hello) = h.opened();
+    assert_eq!(hello.since_seq, 3004);
+    let a = h.welcome(s2, 4000, 7, true);
+    assert!(a.contains(&Action::Emit(Event::Gap)));
+    assert!(!h.message(s2, 3501, "bob", "").contains(&Action::Emit(Event::Gap)));
+    // The next welcome starts afresh.
+    h.end(s2, Code::Unavailable);
+    h.advance(Duration::from_secs(1));
+    let (s3, _) = h.opened();
+    h.welcome(s3, 5000, 7, false);
+    assert!(h.message(s3, 4600, "bob", "").contains(&Action::Emit(Event::Gap)));
+}
+
+#[test]
+fn a_post_over_the_servers_receive_limit_is_rejected_not_resent_forever() {
+    let (mut h, s) = Harness::live(0);
+    h.s.post(h.now, "p1".into(), "small".into()).unwrap();
+    h.s.post(h.now, "p2".into(), "z".repeat(6000)).unwrap();
+    h.s.post(h.now, "p3".into(), "after".into()).unwrap();
+    assert_eq!(sent_ids(&h.actions()), vec!["p1", "p2", "p3"]);
+    // gRPC refuses the frame and ends the stream (the status a C-core server sends).
+    let refusal = "Received message larger than max (6010 vs. 5120)";
+    h.s.handle_stream_end(h.now, s, Status::new(Code::ResourceExhausted, refusal));
+    let a = h.actions();
+    let rejected: Vec<_> = a
+        .iter()
+        .filter_map(|a| match a {
+            Action::Emit(Event::PostRejected { client_msg_id, code, reason }) => {
+                Some((client_msg_id.as_str(), *code, reason.as_str()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        rejected,
+        vec![(
+            "p2",
+            Code::ResourceExhausted,
+            "the message is 6010 bytes with its framing; the server takes at most 5120"
+        )]
+    );
+    assert!(retry_in(&a).is_some(), "the stream is reopened as after any drop");
+    assert_eq!(h.s.pending_posts(), 2);
+    h.advance(Duration::from_secs(1));
+    let (s2, _) = h.opened();
+    let a = h.welcome(s2, 0, 7, false);
+    assert_eq!(sent_ids(&a), vec!["p1", "p3"], "the others are re-sent, the big one is not");
+    // From now on a post over the limit is refused without being sent.
+    h.s.post(h.now, "p4".into(), "y".repeat(5200)).unwrap();
+    let a = h.actions();
+    assert!(sent_ids(&a).is_empty());
+    assert!(
+        matches!(&a[..], [Action::Emit(Event::PostRejected { client_msg_id, .. })] if client_msg_id == "p4")
+    );
+    assert_eq!(h.s.pending_posts(), 2);
+}
+
+#[test]
+fn other_resource_exhausted_ends_reject_no_post() {
+    let (mut h, mut stream) = Harness::live(0);
+    h.s.post(h.now, "p1".into(), "z".repeat(6000)).unwrap();
+    h.actions();
+    for why in ["stream is too slow: its queue of 1024 events is full", "larger than max (but no numbers)"] {
+        h.s.handle_stream_end(h.now, stream, Status::new(Code::ResourceExhausted, why));
+        let a = h.actions();
+        assert!(retry_in(&a).is_some(), "{why}: reconnects");
+        assert!(!a.iter().any(|a| matches!(a, Action::Emit(Event::PostRejected { .. }))), "{why}");
+        assert_eq!(h.s.pending_posts(), 1, "{why}");
+        h.advance(Duration::from_secs(10));
+        stream = h.opened().0;
+        assert_eq!(sent_ids(&h.welcome(stream, 0, 7, false)), vec!["p1"], "{why}: re-sent");
+    }
+}

@@ -89,6 +89,22 @@ impl Outbox {
         }
     }
 
+    /// Removes the posts that match `reject` and returns their ids with the reasons.
+    pub(crate) fn remove_where(
+        &mut self,
+        mut reject: impl FnMut(&PendingPost) -> Option<String>,
+    ) -> Vec<(String, String)> {
+        let mut removed = Vec::new();
+        self.posts.retain(|p| match reject(p) {
+            Some(reason) => {
+                removed.push((p.client_msg_id.clone(), reason));
+                false
+            }
+            None => true,
+        });
+        removed
+    }
+
     /// The server refused `client_msg_id` for posting too fast. Keeps it for a retry
     /// after a pause and returns true, or returns false when it was refused too often
     /// (or is unknown); the caller then treats the refusal as final.

@@ -166,6 +166,13 @@ pub struct Session {
     token: String,
     epoch: u64,
     last_seq: u64,
+    /// Every message above this `seq` (in this epoch) is owed to the session: the room's
+    /// last `seq` when it joined, or the `since_seq` it started from if higher.
+    owed_after: u64,
+    /// A gap was already reported since the last welcome.
+    gap_noted: bool,
+    /// The largest post frame the server takes, once a refusal has told us.
+    max_post_bytes: Option<usize>,
     state: State,
     attempts: u32,
     welcomed_before: bool,
@@ -188,6 +195,9 @@ impl Session {
             token: joined.session.clone(),
             epoch: joined.epoch,
             last_seq: since_seq,
+            owed_after: joined.last_seq.max(since_seq),
+            gap_noted: false,
+            max_post_bytes: None,
             state: State::Closed,
             attempts: 0,
             welcomed_before: false,
@@ -251,6 +261,10 @@ impl Session {
     pub fn post(&mut self, _now: Instant, client_msg_id: String, text: String) -> Result<(), Error> {
         if matches!(self.state, State::Leaving { .. } | State::Closed) {
             return Err(Error::Closed);
+        }
+        if let Some(reason) = self.max_post_bytes.and_then(|limit| too_big(&text, &client_msg_id, limit)) {
+            self.emit(Event::PostRejected { client_msg_id, code: Code::ResourceExhausted, reason });
+            return Ok(());
         }
         self.outbox.push(client_msg_id, text);
         self.flush_posts();
@@ -344,6 +358,9 @@ impl Session {
             | Code::ResourceExhausted
             | Code::Internal
             | Code::Unavailable => {
+                if status.code == Code::ResourceExhausted {
+                    self.reject_oversized_posts(&status.message);
+                }
                 let why = describe_drop(&status);
                 self.backoff(now, Next::Open, why);
             }
@@ -493,8 +510,10 @@ impl Session {
         if self.epoch != 0 && w.epoch != self.epoch {
             // A new log: its seqs restart, so everything it replays is new to us.
             self.last_seq = 0;
+            self.owed_after = 0;
             gap = true;
         }
+        self.gap_noted = gap;
         self.epoch = w.epoch;
         if !w.session.is_empty() {
             self.token = w.session;
@@ -537,6 +556,14 @@ impl Session {
         if m.seq <= self.last_seq {
             return; // seen before (replay overlap after a resume)
         }
+        // Every member receives every seq of its room, so a jump past what is owed means
+        // messages were lost. The server says so in the welcome when it resumes a session,
+        // but not after a rejoin (a new session): a client that had seen nothing resumes
+        // from 0, which to the server means "whatever is retained".
+        if m.seq > self.last_seq.max(self.owed_after) + 1 && !self.gap_noted {
+            self.gap_noted = true;
+            self.emit(Event::Gap);
+        }
         self.last_seq = m.seq;
         if !m.client_msg_id.is_empty() && m.user == self.user {
             self.outbox.acknowledge(&m.client_msg_id);
@@ -566,6 +593,44 @@ impl Session {
             self.emit(Event::Notice(text));
         }
     }
+}
+
+impl Session {
+    /// The stream ended with RESOURCE_EXHAUSTED `message`. If that is gRPC's receive
+    /// limit ("Received message larger than max (N vs. LIMIT)"), a pending post is too big
+    /// for the server and would end every stream it is re-sent on: reject every post
+    /// above the limit, and any later one at once.
+    fn reject_oversized_posts(&mut self, message: &str) {
+        let Some(limit) = receive_limit(message) else { return };
+        self.max_post_bytes = Some(limit);
+        for (client_msg_id, reason) in self.outbox.remove_where(|p| too_big(&p.text, &p.client_msg_id, limit))
+        {
+            self.emit(Event::PostRejected { client_msg_id, code: Code::ResourceExhausted, reason });
+        }
+    }
+}
+
+/// The limit in gRPC's refusal of an oversized message, e.g. 5120 in "Received message
+/// larger than max (60029 vs. 5120)".
+fn receive_limit(message: &str) -> Option<usize> {
+    let rest = &message[message.find("larger than max")?..];
+    let after = rest[rest.find("vs.")? + 3..].trim_start();
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Why a post of `text` does not fit a receive limit of `limit` bytes, if it does not.
+fn too_big(text: &str, client_msg_id: &str, limit: usize) -> Option<String> {
+    use prost::Message as _;
+    let frame = crate::pb::ClientFrame {
+        frame: Some(crate::pb::client_frame::Frame::Post(crate::pb::Post {
+            text: text.to_owned(),
+            client_msg_id: client_msg_id.to_owned(),
+        })),
+    };
+    let len = frame.encoded_len();
+    (len > limit)
+        .then(|| format!("the message is {len} bytes with its framing; the server takes at most {limit}"))
 }
 
 /// The delay before attempt `attempts` (1-based): initial · 2^(attempts-1), capped.
