@@ -25,13 +25,18 @@
 //!
 //! - Messages are emitted once: a message whose `seq` is not above the last one seen is
 //!   dropped (resume replays overlap what was seen). When the room's epoch changes, the
-//!   count restarts and [`Event::Gap`] is emitted, as when the server reports a gap.
+//!   count restarts and [`Event::Gap`] is emitted, as when the server reports a gap or a
+//!   message's `seq` skips past what the session is owed (it joined at a known `seq`, and
+//!   every member receives every later one), once per welcome.
 //! - Posts stay pending until the server echoes them (same `client_msg_id`) or rejects
 //!   them with a notice. After a resume they are re-sent once the replay has caught up,
 //!   so a post the server already accepted is recognised in the replay, not posted twice.
 //! - A post refused for posting too fast is held back with every later one and re-sent
 //!   after a pause (up to a limit), so piped input is not lost to the rate limit. Posts
 //!   already in flight when the refusal arrives may overtake it.
+//! - A post above the server's gRPC receive limit, which ends the stream it is sent on,
+//!   is rejected (not re-sent) once a stream has ended with that limit in its status, and
+//!   so is every later one above it.
 //! - A dropped stream is retried with capped exponential backoff; an unknown session
 //!   (server restart, expired grace) is joined again under the same name and resumed
 //!   from the last `seq`; a session taken over by another stream is not fought over.

@@ -111,8 +111,9 @@ impl Pacing {
     /// completion wakes it.
     ///
     /// A write still in flight after a whole interval means the server is behind (the
-    /// completion-queue thread) or the client's flow-control window is full (C-core
-    /// completes a write once the window takes it, not when the socket does). Waiting for the
+    /// completion-queue thread) or the client is not reading (C-core completes a write when
+    /// it frames it for the socket, which needs room in the client's flow-control window and
+    /// the connection's previous socket write finished). Waiting for the
     /// completion would add a wake-up per write just when the CPU is short; measured on 2
     /// cores with one connection at 60 k writes/s, that fed on itself until latency reached
     /// seconds. So the stream looks again on its next tick, then after 2, 4, … intervals,
