@@ -581,6 +581,19 @@ impl Session {
         }
     }
 
+    /// The stream ended with RESOURCE_EXHAUSTED `message`. If that is gRPC's receive
+    /// limit ("Received message larger than max (N vs. LIMIT)"), a pending post is too big
+    /// for the server and would end every stream it is re-sent on: reject every post
+    /// above the limit, and any later one at once.
+    fn reject_oversized_posts(&mut self, message: &str) {
+        let Some(limit) = receive_limit(message) else { return };
+        self.max_post_bytes = Some(limit);
+        for (client_msg_id, reason) in self.outbox.remove_where(|p| too_big(&p.text, &p.client_msg_id, limit))
+        {
+            self.emit(Event::PostRejected { client_msg_id, code: Code::ResourceExhausted, reason });
+        }
+    }
+
     fn on_notice(&mut self, now: Instant, text: String, code: i32, client_msg_id: String) {
         if code == 0 || client_msg_id.is_empty() {
             self.emit(Event::Notice(text));
@@ -596,21 +609,6 @@ impl Session {
             self.emit(Event::PostRejected { client_msg_id, code, reason: text });
         } else {
             self.emit(Event::Notice(text));
-        }
-    }
-}
-
-impl Session {
-    /// The stream ended with RESOURCE_EXHAUSTED `message`. If that is gRPC's receive
-    /// limit ("Received message larger than max (N vs. LIMIT)"), a pending post is too big
-    /// for the server and would end every stream it is re-sent on: reject every post
-    /// above the limit, and any later one at once.
-    fn reject_oversized_posts(&mut self, message: &str) {
-        let Some(limit) = receive_limit(message) else { return };
-        self.max_post_bytes = Some(limit);
-        for (client_msg_id, reason) in self.outbox.remove_where(|p| too_big(&p.text, &p.client_msg_id, limit))
-        {
-            self.emit(Event::PostRejected { client_msg_id, code: Code::ResourceExhausted, reason });
         }
     }
 }
