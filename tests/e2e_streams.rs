@@ -6,12 +6,13 @@ mod e2e;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use e2e::*;
 use futures::executor::block_on;
 use futures::StreamExt;
 use grpc_chat::pb::{self, client_frame::Frame, server_event::Event};
-use grpcio::{EnvBuilder, RpcStatusCode};
+use grpcio::{ChannelBuilder, EnvBuilder, RpcStatusCode};
 
 #[test]
 fn fifty_clients_in_three_rooms_see_their_room_in_order() {
@@ -238,4 +239,59 @@ fn shutdown_sends_notice_then_unavailable() {
         assert_eq!(events.end().0, RpcStatusCode::UNAVAILABLE);
     }
     stopper.join().expect("shutdown returns");
+}
+
+#[test]
+fn shutdown_does_not_wait_for_a_client_that_stopped_reading() {
+    const GRACE: Duration = Duration::from_secs(1);
+    let server = server(|c| {
+        c.shutdown_grace = GRACE;
+        c.broker.limits.max_text_bytes = 64 * 1024;
+        c.queue_capacity = 4096;
+        // C-core closes a connection only once its write in progress ends; to a stopped
+        // client that is when the kernel gives up, after the keepalive timeout.
+        c.keepalive_time = Duration::from_secs(60);
+        c.keepalive_timeout = Duration::from_secs(60);
+    });
+    // The stopped client announces a flow-control window far larger than socket buffers,
+    // so the server's writes to it stop in the socket, not for want of window.
+    let relay = Relay::to(&server.addr());
+    let channel = ChannelBuilder::new(Arc::new(EnvBuilder::new().cq_count(1).build()))
+        .stream_initial_window_size(256 << 20)
+        .connect(&relay.addr);
+    assert!(block_on(channel.wait_for_connected(WAIT)), "connects through the relay");
+    let (_stopped, _) = ChatStream::join(&pb::ChatClient::new(channel), "stopped", "r");
+    relay.freeze();
+
+    let c = client(&server.addr());
+    let (reader, _) = ChatStream::join(&c, "reader", "r");
+    let poster = c.join(&pb::JoinRequest { user: "poster".into(), room: "r".into() }).expect("join").session;
+    // 36 MB for the stopped client: far beyond its sockets' buffers (a few MB each).
+    const N: u64 = 600;
+    let text = "z".repeat(60_000);
+    for _ in 0..N {
+        let sent =
+            pb::SendRequest { session: poster.clone(), text: text.clone(), client_msg_id: String::new() };
+        c.send(&sent).expect("send");
+    }
+    for seq in 1..=N {
+        assert_eq!(reader.events.message().seq, seq, "the reader gets everything, in order");
+    }
+
+    let started = Instant::now();
+    server.shutdown();
+    let took = started.elapsed();
+    // The grace period, then at most a second for C-core to close the connections.
+    assert!(took < GRACE + Duration::from_secs(10), "shutdown took {took:?}");
+    loop {
+        match reader.events.next() {
+            Seen::Event(Event::Notice(n)) => {
+                assert!(n.text.contains("shutting down"), "{n:?}");
+                break;
+            }
+            Seen::Event(_) => continue,
+            Seen::End(code, msg) => panic!("ended with {code:?} ({msg}) before the notice"),
+        }
+    }
+    assert_eq!(reader.events.end().0, RpcStatusCode::UNAVAILABLE);
 }

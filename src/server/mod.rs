@@ -19,11 +19,14 @@ use std::time::{Duration, Instant};
 use grpcio::{ChannelBuilder, EnvBuilder, Environment, Server, ServerBuilder, ServerCredentials};
 use grpcio_health::proto::ServingStatus;
 use grpcio_health::HealthService;
-use log::info;
+use log::{info, warn};
 
 use crate::core::{Broker, BrokerConfig, Input};
 use hub::Hub;
 use service::{ChatService, StreamLimit};
+
+/// How long shutdown waits, after the grace period, for C-core to close the connections.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Everything the server can be configured with. `Default` gives the documented
 /// defaults (DESIGN.md section 5).
@@ -93,7 +96,7 @@ pub struct ChatServer {
     health: HealthService,
     addr: String,
     grace: Duration,
-    _env: Arc<Environment>,
+    env: Arc<Environment>,
 }
 
 impl ChatServer {
@@ -141,15 +144,7 @@ impl ChatServer {
         let host = config.listen.rsplit_once(':').map_or(config.listen.as_str(), |(h, _)| h);
         let addr = format!("{host}:{port}");
         info!("chat server listening on {addr}");
-        Ok(ChatServer {
-            server: Some(server),
-            hub,
-            limit,
-            health,
-            addr,
-            grace: config.shutdown_grace,
-            _env: env,
-        })
+        Ok(ChatServer { server: Some(server), hub, limit, health, addr, grace: config.shutdown_grace, env })
     }
 
     /// The address clients connect to, with the bound port (`127.0.0.1:PORT`).
@@ -179,7 +174,9 @@ impl ChatServer {
 
     /// Graceful shutdown: health turns NOT_SERVING, new calls are refused with
     /// `UNAVAILABLE`, every stream receives a notice and ends with `UNAVAILABLE`, and
-    /// the call returns once all streams ended or the grace period passed.
+    /// the call returns once all streams ended or the grace period passed, plus at most
+    /// a second for C-core to close the connections (one still writing to a client that
+    /// stopped reading is left to a background thread).
     pub fn shutdown(mut self) {
         self.stop();
     }
@@ -195,9 +192,27 @@ impl ChatServer {
         while self.limit.open() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let done = server.shutdown();
+        let mut done = server.shutdown();
         server.cancel_all_calls();
-        let _ = futures::executor::block_on(done);
+        if stream::poll_until(&mut done, Instant::now() + CLOSE_WAIT).is_none() {
+            // C-core shuts a connection's socket down only once its write in progress
+            // ends, and the write to a client that stopped reading ends when the kernel
+            // gives up on it (the keepalive timeout). Until then the server must not be
+            // destroyed, so a thread of its own waits for that; the process need not.
+            warn!(
+                "a connection is still writing to a client that stopped reading; \
+                 it is dropped when the server exits"
+            );
+            let env = Arc::clone(&self.env);
+            let reaper = std::thread::Builder::new().name("grpc-shutdown".into()).spawn(move || {
+                let _ = futures::executor::block_on(done);
+                drop(server);
+                drop(env);
+            });
+            if let Err(e) = reaper {
+                warn!("cannot start a thread to finish the shutdown: {e}");
+            }
+        }
         self.health.shutdown();
         info!("server stopped");
     }

@@ -430,7 +430,7 @@ fn finish<S: EventSink>(
 }
 
 /// Polls `fut` on this thread until it completes or `deadline` passes.
-fn poll_until<F: Future + Unpin>(mut fut: F, deadline: Instant) -> Option<F::Output> {
+pub(super) fn poll_until<F: Future + Unpin>(mut fut: F, deadline: Instant) -> Option<F::Output> {
     let waker = Waker::from(Arc::new(Unparker(thread::current())));
     let mut cx = Context::from_waker(&waker);
     loop {

@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -37,6 +40,59 @@ pub fn client_in(env: Arc<Environment>, addr: &str) -> pb::ChatClient {
     let ch = ChannelBuilder::new(env).use_local_subchannel_pool(true).connect(addr);
     assert!(block_on(ch.wait_for_connected(WAIT)), "connects to {addr}");
     pb::ChatClient::new(ch)
+}
+
+/// A TCP relay for one client connection whose server-to-client direction can be
+/// frozen: the relay then stops reading from the server, so what the server writes piles
+/// up in the sockets, as it would for a client process that stopped (SIGSTOP, a hung
+/// machine) while its connection stays up.
+pub struct Relay {
+    /// Where the client connects.
+    pub addr: String,
+    frozen: Arc<AtomicBool>,
+    /// Dropping it lets the relay close its sockets.
+    _release: crossbeam_channel::Sender<()>,
+}
+
+impl Relay {
+    /// A relay to the server at `server`; it serves the first connection made to it.
+    pub fn to(server: &str) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("the relay binds");
+        let addr = listener.local_addr().expect("bound").to_string();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let (release, held) = crossbeam_channel::bounded::<()>(0);
+        let (f, server) = (Arc::clone(&frozen), server.to_owned());
+        thread::spawn(move || {
+            let Ok((client_side, _)) = listener.accept() else { return };
+            let server_side = TcpStream::connect(&server).expect("the relay connects to the server");
+            let mut upstream = (
+                client_side.try_clone().expect("socket clones"),
+                server_side.try_clone().expect("socket clones"),
+            );
+            thread::spawn(move || std::io::copy(&mut upstream.0, &mut upstream.1));
+            let (mut from_server, mut to_client) = (server_side, client_side);
+            let mut buf = vec![0u8; 64 * 1024];
+            while !f.load(Ordering::SeqCst) {
+                match from_server.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if to_client.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            // Frozen (or the connection ended): hold both sockets, unread, until the
+            // relay is dropped.
+            let _ = held.recv();
+        });
+        Relay { addr, frozen, _release: release }
+    }
+
+    /// Stops passing the server's bytes on (at most one more read goes through).
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
 }
 
 /// One event as the tests see it: batches are flattened.
