@@ -3,9 +3,11 @@
 //!
 //! Every wait has a generous deadline and ends as soon as the awaited event arrives.
 
+mod e2e;
+
 use std::time::{Duration, Instant};
 
-use grpc_chat::client::{ChatConfig, ChatSession, Client, Error, Event};
+use grpc_chat::client::{ChatConfig, ChatSession, Client, ClientConfig, Error, Event};
 use grpc_chat::core::RateLimit;
 use grpc_chat::server::{ChatServer, ServerConfig};
 
@@ -207,6 +209,50 @@ fn reconnects_after_the_server_drops_the_stream_and_shows_each_message_once() {
     wait_for(&alice, "the second resume", |e| matches!(e, Event::Welcome { reconnected: true, .. }));
     alice.leave().unwrap();
     bob.leave().unwrap();
+}
+
+#[test]
+fn a_connection_that_goes_silent_is_noticed_and_the_session_resumes_over_a_new_one() {
+    // C-core's client pings at most once a second; the server accepts pings twice as often.
+    let ping = Duration::from_secs(1);
+    let mut config = ServerConfig { listen: "127.0.0.1:0".into(), ..Default::default() };
+    config.min_client_ping_interval = ping / 2;
+    let server = ChatServer::start(config).expect("the server starts on loopback");
+    let bob = connect(&server.addr()).enter("bob", "quiet").unwrap();
+    welcome(&bob);
+    // Carol's connection goes through a relay that will stop passing anything on, in
+    // either direction, while keeping the connection open: no error ever reaches her.
+    let relay = e2e::Relay::to(&server.addr());
+    let config = ClientConfig {
+        keepalive_interval: Some(ping),
+        keepalive_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    let client = Client::connect_with(&relay.addr, config).expect("connects through the relay");
+    let carol = client.enter("carol", "quiet").unwrap();
+    welcome(&carol);
+    // A quiet room for five pings: the server takes pings at this rate from a client it
+    // sends nothing (with C-core's default policy it would cut her off after the third).
+    bob.post("ping-pong").unwrap();
+    wait_for(&carol, "bob's message", |e| is_text(e, "ping-pong"));
+    std::thread::sleep(ping * 5);
+    bob.post("still there").unwrap();
+    let seen = wait_for(&carol, "bob's second message", |e| is_text(e, "still there"));
+    assert!(!seen.iter().any(|e| matches!(e, Event::Disconnected { .. })), "{seen:?}");
+
+    relay.cut();
+    carol.post("into the void").unwrap();
+    bob.post("while carol is cut off").unwrap();
+    wait_for(&carol, "the lost connection", |e| matches!(e, Event::Disconnected { .. }));
+    // Over a new connection she resumes her session: what she missed is replayed, and
+    // her post, never acknowledged, is sent again and shown once.
+    let seen = wait_for(&carol, "her own post", |e| is_text(e, "into the void"));
+    assert!(seen.iter().any(|e| matches!(e, Event::Welcome { reconnected: true, .. })), "{seen:?}");
+    assert_eq!(texts(&seen), vec!["while carol is cut off", "into the void"]);
+    carol.wait_acked(DEADLINE).unwrap();
+    bob.post("after").unwrap();
+    let seen = wait_for(&carol, "bob's next message", |e| is_text(e, "after"));
+    assert_eq!(texts(&seen), vec!["after"], "nothing is shown twice");
 }
 
 #[test]

@@ -23,6 +23,13 @@ pub struct ClientConfig {
     /// Longest delay between the channel's own reconnection attempts (default 1 s), so
     /// that a restarted server is found again quickly.
     pub max_reconnect_backoff: Duration,
+    /// How often the client pings the server while a call is open (default 20 s; `None`
+    /// = never). Without pings, a server or network that goes silent without closing the
+    /// connection (a hung host, a dropped route) goes unnoticed for as long as it lasts.
+    pub keepalive_interval: Option<Duration>,
+    /// How long a ping may go unanswered before the connection counts as lost and its
+    /// calls fail with `UNAVAILABLE` (default 10 s).
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for ClientConfig {
@@ -31,6 +38,8 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(10),
             max_reconnect_backoff: Duration::from_secs(1),
+            keepalive_interval: Some(Duration::from_secs(20)),
+            keepalive_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -64,10 +73,18 @@ impl Client {
     /// Connects to `addr` with `config`, waiting at most `config.connect_timeout`.
     pub fn connect_with(addr: &str, config: ClientConfig) -> Result<Client, Error> {
         let env = Arc::new(EnvBuilder::new().cq_count(1).name_prefix("chat-client").build());
-        let channel = ChannelBuilder::new(env.clone())
+        let mut builder = ChannelBuilder::new(env.clone())
             .initial_reconnect_backoff(Duration::from_millis(100))
-            .max_reconnect_backoff(config.max_reconnect_backoff)
-            .connect(addr);
+            .max_reconnect_backoff(config.max_reconnect_backoff);
+        if let Some(interval) = config.keepalive_interval {
+            // C-core sends at most two pings between two data frames of its own unless
+            // told otherwise, and a member that only listens sends none.
+            builder = builder
+                .keepalive_time(interval)
+                .keepalive_timeout(config.keepalive_timeout)
+                .http2_max_pings_without_data(0);
+        }
+        let channel = builder.connect(addr);
         if !block_on(channel.wait_for_connected(config.connect_timeout)) {
             return Err(Error::Unreachable { addr: addr.to_string() });
         }

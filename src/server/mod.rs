@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub keepalive_time: Duration,
     /// How long a keepalive ping may go unanswered before the connection is dropped.
     pub keepalive_timeout: Duration,
+    /// The shortest interval at which a client may ping while the server sends it nothing
+    /// (a quiet room). A client that pings more often is cut off with `too_many_pings`.
+    pub min_client_ping_interval: Duration,
     /// How long shutdown waits for streams to take their notice and status.
     pub shutdown_grace: Duration,
     /// Number of grpcio completion-queue threads.
@@ -71,6 +74,7 @@ impl Default for ServerConfig {
             max_receive_bytes: None,
             keepalive_time: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            min_client_ping_interval: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
             cq_count: 1,
             writes_per_second: 35_000,
@@ -125,6 +129,7 @@ impl ChatServer {
             .max_receive_message_len(i32::try_from(receive).unwrap_or(i32::MAX))
             .keepalive_time(config.keepalive_time)
             .keepalive_timeout(config.keepalive_timeout)
+            .http2_min_recv_ping_interval_without_data(config.min_client_ping_interval)
             .build_args();
         let mut server = ServerBuilder::new(Arc::clone(&env))
             .channel_args(args)

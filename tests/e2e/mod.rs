@@ -6,7 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -42,57 +42,88 @@ pub fn client_in(env: Arc<Environment>, addr: &str) -> pb::ChatClient {
     pb::ChatClient::new(ch)
 }
 
-/// A TCP relay for one client connection whose server-to-client direction can be
-/// frozen: the relay then stops reading from the server, so what the server writes piles
-/// up in the sockets, as it would for a client process that stopped (SIGSTOP, a hung
-/// machine) while its connection stays up.
+/// A TCP relay between clients and the server that can stop passing bytes on, while it
+/// keeps the connections open: `freeze` stops the server-to-client direction, so what the
+/// server writes piles up in the sockets, as for a client process that stopped (SIGSTOP);
+/// `cut` stops both, as a hung host or a dropped route would. Either applies to the
+/// connections made so far; later ones pass normally.
 pub struct Relay {
-    /// Where the client connects.
+    /// Where clients connect.
     pub addr: String,
-    frozen: Arc<AtomicBool>,
+    /// Each connection's state: [`PASS`], [`FROZEN`] or [`CUT`].
+    conns: Arc<parking_lot::Mutex<Vec<Arc<AtomicU8>>>>,
     /// Dropping it lets the relay close its sockets.
     _release: crossbeam_channel::Sender<()>,
 }
 
+const PASS: u8 = 0;
+const FROZEN: u8 = 1;
+const CUT: u8 = 2;
+
 impl Relay {
-    /// A relay to the server at `server`; it serves the first connection made to it.
+    /// A relay to the server at `server`.
     pub fn to(server: &str) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").expect("the relay binds");
         let addr = listener.local_addr().expect("bound").to_string();
-        let frozen = Arc::new(AtomicBool::new(false));
+        let conns = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let (release, held) = crossbeam_channel::bounded::<()>(0);
-        let (f, server) = (Arc::clone(&frozen), server.to_owned());
+        let (list, server) = (Arc::clone(&conns), server.to_owned());
         thread::spawn(move || {
-            let Ok((client_side, _)) = listener.accept() else { return };
-            let server_side = TcpStream::connect(&server).expect("the relay connects to the server");
-            let mut upstream = (
-                client_side.try_clone().expect("socket clones"),
-                server_side.try_clone().expect("socket clones"),
-            );
-            thread::spawn(move || std::io::copy(&mut upstream.0, &mut upstream.1));
-            let (mut from_server, mut to_client) = (server_side, client_side);
-            let mut buf = vec![0u8; 64 * 1024];
-            while !f.load(Ordering::SeqCst) {
-                match from_server.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if to_client.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                }
+            for client_side in listener.incoming() {
+                let Ok(client_side) = client_side else { return };
+                let Ok(server_side) = TcpStream::connect(&server) else { return };
+                let state = Arc::new(AtomicU8::new(PASS));
+                list.lock().push(Arc::clone(&state));
+                let clone = |s: &TcpStream| s.try_clone().expect("socket clones");
+                let up = (clone(&client_side), clone(&server_side), Arc::clone(&state), held.clone());
+                thread::spawn(move || pump(up.0, up.1, || up.2.load(Ordering::SeqCst) == CUT, &up.3));
+                let down = (server_side, client_side, state, held.clone());
+                thread::spawn(move || {
+                    pump(down.0, down.1, || down.2.load(Ordering::SeqCst) != PASS, &down.3)
+                });
             }
-            // Frozen (or the connection ended): hold both sockets, unread, until the
-            // relay is dropped.
-            let _ = held.recv();
         });
-        Relay { addr, frozen, _release: release }
+        Relay { addr, conns, _release: release }
     }
 
-    /// Stops passing the server's bytes on (at most one more read goes through).
+    /// Stops passing the server's bytes on over the connections made so far.
     pub fn freeze(&self) {
-        self.frozen.store(true, Ordering::SeqCst);
+        self.set(FROZEN);
     }
+
+    /// Stops passing bytes on in either direction over the connections made so far.
+    pub fn cut(&self) {
+        self.set(CUT);
+    }
+
+    fn set(&self, state: u8) {
+        for conn in self.conns.lock().iter() {
+            conn.store(state, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Copies `from` to `to` until `stopped` (what is read then is dropped) or the connection
+/// ends; then holds both sockets, unread, until the relay is dropped.
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    stopped: impl Fn() -> bool,
+    held: &crossbeam_channel::Receiver<()>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) if stopped() => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = held.recv();
 }
 
 /// One event as the tests see it: batches are flattened.
