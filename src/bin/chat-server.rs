@@ -117,6 +117,24 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
     })
 }
 
+/// Raises the soft limit on open files so that `max_streams` clients fit, each on a
+/// connection of its own, with room for everything else; warns when the hard limit is
+/// lower. Many systems start services with a soft limit of 1024, and at the limit C-core
+/// stops accepting connections (the clients wait until they time out).
+fn raise_open_files_limit(max_streams: usize) {
+    const OTHER_FILES: u64 = 1024;
+    let wanted = u64::try_from(max_streams).unwrap_or(u64::MAX).saturating_add(OTHER_FILES);
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(got) if got >= wanted => log::debug!("open files limit: {got}"),
+        Ok(got) => log::warn!(
+            "open files are limited to {got} (the hard limit), below the {wanted} that \
+             --max-streams {max_streams} may need (a connection per client, plus {OTHER_FILES}); \
+             raise the limit (ulimit -n, systemd's LimitNOFILE) or lower --max-streams"
+        ),
+        Err(e) => log::warn!("cannot raise the open files limit: {e}"),
+    }
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
@@ -134,6 +152,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    raise_open_files_limit(config.max_streams);
     let server = match ChatServer::start(config) {
         Ok(s) => s,
         Err(e) => {

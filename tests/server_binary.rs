@@ -1,0 +1,122 @@
+//! The `chat-server` binary as a process: its open-files limit and its signal handling.
+//! Linux only (it reads `/proc`). Waits end on events, with generous deadlines.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A `chat-server` started by `sh` after `ulimit_args` (`ulimit`'s options and value), with
+/// its stdout and stderr lines on a channel.
+struct Server {
+    child: Child,
+    lines: Receiver<String>,
+    /// What it printed up to its listening line.
+    startup: Vec<String>,
+}
+
+impl Server {
+    fn start(ulimit_args: &str, args: &[&str]) -> Server {
+        let script = format!("ulimit {ulimit_args} && exec \"$0\" \"$@\"");
+        let mut child = Command::new("sh")
+            .args(["-c", &script, env!("CARGO_BIN_EXE_chat-server"), "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sh starts");
+        let (tx, lines) = crossbeam_channel::unbounded();
+        let out = child.stdout.take().expect("piped");
+        let err = child.stderr.take().expect("piped");
+        let tx2 = tx.clone();
+        thread::spawn(move || BufReader::new(out).lines().map_while(Result::ok).try_for_each(|l| tx.send(l)));
+        thread::spawn(move || {
+            BufReader::new(err).lines().map_while(Result::ok).try_for_each(|l| tx2.send(l))
+        });
+        let mut server = Server { child, lines, startup: Vec::new() };
+        server.startup =
+            server.expect_line("the listening line", |l| l.starts_with("chat-server listening on"));
+        server
+    }
+
+    /// Lines until one satisfies `want` (returned with the ones before it).
+    fn expect_line(&self, what: &str, want: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            match self.lines.recv_timeout(WAIT) {
+                Ok(line) => {
+                    let hit = want(&line);
+                    seen.push(line);
+                    if hit {
+                        return seen;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!("no {what} within {WAIT:?}; saw {seen:#?}"),
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("the server exited before {what}; saw {seen:#?}")
+                }
+            }
+        }
+    }
+
+    /// (soft, hard) limit on open files of the server process.
+    fn open_files_limit(&self) -> (u64, u64) {
+        open_files_limit(self.child.id())
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the exit code.
+    fn terminate(mut self) -> i32 {
+        let kill = Command::new("sh").args(["-c", &format!("kill -TERM {}", self.child.id())]).status();
+        assert!(kill.expect("sh runs").success(), "kill -TERM works");
+        self.expect_line("the last log line", |l| l.contains("server stopped"));
+        let status = self.child.wait().expect("the server is waited for");
+        status.code().expect("exited, not killed by a signal")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// (soft, hard) "Max open files" of process `pid`, from `/proc`.
+fn open_files_limit(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("/proc is readable");
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("a Max open files line");
+    let numbers: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    (numbers[0], numbers[1])
+}
+
+#[test]
+fn a_low_soft_open_files_limit_is_raised_to_fit_the_stream_limit() {
+    let (_, hard) = open_files_limit(std::process::id());
+    let server = Server::start("-Sn 256", &["--max-streams", "2000"]);
+    let wanted = 2000 + 1024;
+    if hard >= wanted {
+        assert_eq!(server.open_files_limit(), (wanted, hard));
+    } else {
+        // This machine's hard limit is too low to show the raise; then the server says so.
+        assert_eq!(server.open_files_limit(), (hard, hard));
+        assert!(
+            server.startup.iter().any(|l| l.contains("open files are limited to")),
+            "{:?}",
+            server.startup
+        );
+    }
+    assert_eq!(server.terminate(), 0, "SIGTERM is a clean shutdown");
+}
+
+#[test]
+fn a_hard_open_files_limit_below_the_stream_limit_is_reported() {
+    let server = Server::start("-n 256", &["--max-streams", "2000"]);
+    assert_eq!(server.open_files_limit(), (256, 256));
+    let warning = "open files are limited to 256 (the hard limit), below the 3024 that --max-streams 2000";
+    assert!(server.startup.iter().any(|l| l.contains(warning)), "{:?}", server.startup);
+    assert_eq!(server.terminate(), 0, "SIGTERM is a clean shutdown");
+}
