@@ -170,6 +170,10 @@ fn main() -> ExitCode {
     hist::init_clock();
     let cli = Cli::parse();
     let g = cli.global.clone();
+    // Every connection takes a file descriptor (two when the server runs in this process).
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        eprintln!("chat-bench: cannot raise the open files limit: {e}");
+    }
     let before = target::ProcStat::read(std::process::id());
     let target = match Target::start(&g.target_opts(), &needs(&cli.scenario)) {
         Ok(t) => t,
