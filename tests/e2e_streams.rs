@@ -214,6 +214,33 @@ fn member_that_never_reads_is_cut_off_without_slowing_others() {
 }
 
 #[test]
+fn a_stream_whose_thread_cannot_start_is_refused_with_resource_exhausted() {
+    // No system can map a 128 TiB stack, so every stream thread fails to start, as when a
+    // task limit (systemd's TasksMax) or memory runs out.
+    let server = server(|c| {
+        c.max_streams = 2;
+        c.stream_stack_size = 1 << 47;
+    });
+    let c = client(&server.addr());
+    // More attempts than the stream limit: a failed start gives its slot back.
+    for _ in 0..3 {
+        let mut chat = ChatStream::open(&c);
+        chat.send(hello("u", "r"));
+        let (code, msg) = chat.events.end();
+        assert_eq!(code, RpcStatusCode::RESOURCE_EXHAUSTED, "{msg}");
+        assert!(msg.contains("cannot start a thread"), "{msg}");
+        let sub = Events::spawn(
+            c.subscribe(&pb::SubscribeRequest { room: "r".into(), ..Default::default() }).expect("starts"),
+        );
+        let (code, msg) = sub.end();
+        assert_eq!(code, RpcStatusCode::RESOURCE_EXHAUSTED, "{msg}");
+        assert!(msg.contains("cannot start a thread"), "{msg}");
+    }
+    assert_eq!(server.stats().streams, 0, "no stream slot is held");
+    c.list_rooms(&pb::ListRoomsRequest {}).expect("unary calls are still served");
+}
+
+#[test]
 fn shutdown_sends_notice_then_unavailable() {
     let server = server(|_| {});
     let c = client(&server.addr());

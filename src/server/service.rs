@@ -14,6 +14,7 @@ use grpcio::{
     ServerStreamingSink, Service, ServiceBuilder, UnarySink, WriteFlags,
 };
 use log::{error, info, warn};
+use parking_lot::Mutex;
 
 use super::encode::{self, deserialize_encoded, serialize_encoded, Encoded};
 use super::hub::{self, Hub};
@@ -170,31 +171,28 @@ impl ChatService {
     }
 
     fn chat(&self, ctx: RpcContext, requests: RequestStream<pb::ClientFrame>, sink: DuplexSink<Encoded>) {
-        let Some(permit) = self.limit.acquire() else {
-            // The request stream must outlive the status: dropping it first cancels the
-            // call, and the client would see CANCELLED instead of RESOURCE_EXHAUSTED.
-            let fail = sink.fail(self.limit_status());
-            return self.refuse_stream(ctx, async move {
-                let _ = fail.await;
-                drop(requests);
-            });
-        };
         let (hub, pacing) = (Arc::clone(&self.hub), Arc::clone(&self.pacing));
-        self.spawn_stream(move || {
-            let _permit = permit;
-            stream::run_chat(hub, pacing, requests, sink);
-        });
+        self.start_stream(
+            ctx,
+            (requests, sink),
+            move |(requests, sink)| stream::run_chat(hub, pacing, requests, sink),
+            |(requests, sink), status| async move {
+                // The request stream must outlive the status: dropping it first cancels
+                // the call, and the client would see CANCELLED instead.
+                let _ = sink.fail(status).await;
+                drop(requests);
+            },
+        );
     }
 
     fn subscribe(&self, ctx: RpcContext, req: pb::SubscribeRequest, sink: ServerStreamingSink<Encoded>) {
-        let Some(permit) = self.limit.acquire() else {
-            return self.refuse_stream(ctx, sink.fail(self.limit_status()).map(|_| ()));
-        };
         let (hub, pacing) = (Arc::clone(&self.hub), Arc::clone(&self.pacing));
-        self.spawn_stream(move || {
-            let _permit = permit;
-            stream::run_subscribe(hub, pacing, req, sink);
-        });
+        self.start_stream(
+            ctx,
+            (req, sink),
+            move |(req, sink)| stream::run_subscribe(hub, pacing, req, sink),
+            |(_, sink), status| sink.fail(status).map(|_| ()),
+        );
     }
 
     fn send(&self, ctx: RpcContext, req: pb::SendRequest, sink: UnarySink<pb::SendReply>) {
@@ -243,17 +241,42 @@ impl ChatService {
         RpcStatus::with_message(RpcStatusCode::RESOURCE_EXHAUSTED, why)
     }
 
-    fn refuse_stream(&self, ctx: RpcContext, fail: impl std::future::Future<Output = ()> + Send + 'static) {
-        warn!("refused a stream from {}: stream limit {} reached", ctx.peer(), self.limit.max);
-        ctx.spawn(fail);
-    }
-
-    fn spawn_stream(&self, body: impl FnOnce() + Send + 'static) {
+    /// Gives a stream (the call's `parts`) a thread of its own that runs `run`, or ends the
+    /// call with `refuse` and `RESOURCE_EXHAUSTED`: at the stream limit, and when no thread
+    /// can be started (a task limit such as systemd's `TasksMax`, or memory).
+    fn start_stream<P, F>(
+        &self,
+        ctx: RpcContext,
+        parts: P,
+        run: impl FnOnce(P) + Send + 'static,
+        refuse: impl FnOnce(P, RpcStatus) -> F,
+    ) where
+        P: Send + 'static,
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let Some(permit) = self.limit.acquire() else {
+            warn!("refused a stream from {}: stream limit {} reached", ctx.peer(), self.limit.max);
+            return ctx.spawn(refuse(parts, self.limit_status()));
+        };
+        // The parts stay within reach until the thread takes them, so that a thread that
+        // cannot start still leaves the call to end with a status.
+        let slot = Arc::new(Mutex::new(Some(parts)));
+        let taken = Arc::clone(&slot);
         let spawned =
-            thread::Builder::new().name("chat-stream".into()).stack_size(self.stack_size).spawn(body);
+            thread::Builder::new().name("chat-stream".into()).stack_size(self.stack_size).spawn(move || {
+                let _permit = permit;
+                let parts = taken.lock().take();
+                if let Some(parts) = parts {
+                    run(parts);
+                }
+            });
         if let Err(e) = spawned {
-            // The closure (and with it the call's sink) is dropped, which cancels the call.
-            error!("cannot start a stream thread: {e}; the call is cancelled");
+            error!("cannot start a thread for a stream from {}: {e}", ctx.peer());
+            let parts = slot.lock().take();
+            if let Some(parts) = parts {
+                let why = "the server cannot start a thread for another stream".to_owned();
+                ctx.spawn(refuse(parts, RpcStatus::with_message(RpcStatusCode::RESOURCE_EXHAUSTED, why)));
+            }
         }
     }
 }
