@@ -58,14 +58,28 @@ fn main() -> ExitCode {
     }
 }
 
-/// Reads standard input on a thread of its own; the channel closes at end of input.
+/// Reads standard input on a thread of its own; the channel closes at end of input. A
+/// line that is not UTF-8 is refused with a sentence, and the lines after it still count.
 fn stdin_lines() -> Receiver<String> {
     let (tx, rx) = unbounded();
     thread::spawn(move || {
-        for line in io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line.trim_end_matches('\r').to_string()).is_err() {
-                break;
+        let mut input = io::stdin().lock();
+        let mut bytes = Vec::new();
+        loop {
+            bytes.clear();
+            match input.read_until(b'\n', &mut bytes) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let line = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            match std::str::from_utf8(line) {
+                Ok(line) => {
+                    if tx.send(line.to_owned()).is_err() {
+                        break;
+                    }
+                }
+                Err(_) => say("that line is not UTF-8 (is the terminal set to UTF-8?); it was not sent"),
             }
         }
     });

@@ -74,6 +74,12 @@ impl Console {
         stdin.flush().unwrap();
     }
 
+    fn type_bytes(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("stdin is still open");
+        stdin.write_all(bytes).expect("the client reads its input");
+        stdin.flush().unwrap();
+    }
+
     /// Closes stdin: end of input.
     fn end_input(&mut self) {
         self.stdin = None;
@@ -237,6 +243,13 @@ fn mistakes_print_one_sentence() {
     });
     bob.type_line("/retry");
     bob.expect_line("the answer", |l| l == "* already connected");
+    // A line that is not UTF-8 (a terminal in another encoding) is refused; the next goes out.
+    bob.type_bytes(b"caf\xe9\n");
+    bob.expect_line("the refusal", |l| {
+        l == "* that line is not UTF-8 (is the terminal set to UTF-8?); it was not sent"
+    });
+    bob.type_line("cafe");
+    bob.expect_line("the next line", |l| is_message(l, "bob", "cafe"));
     bob.type_line("/quit");
     let (code, _, stderr) = bob.wait_exit();
     assert_eq!((code, stderr.as_str()), (0, ""));
