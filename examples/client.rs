@@ -13,6 +13,7 @@
 
 use std::io::{self, BufRead, IsTerminal, Write};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -52,7 +53,7 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(sentence) => {
-            eprintln!("error: {sentence}");
+            let _ = writeln!(io::stderr(), "error: {sentence}");
             ExitCode::FAILURE
         }
     }
@@ -93,8 +94,19 @@ fn format_message(m: &Message) -> String {
     format!("[{h:02}:{min:02}:{s:02}] [{}] {}", m.user, m.text)
 }
 
+/// Set when standard output is gone (the reader of a pipe exited, as `client | head`
+/// does): the client then leaves the room and exits instead of panicking on the next print.
+static OUTPUT_GONE: AtomicBool = AtomicBool::new(false);
+
+/// Prints one line to standard output.
+fn out(line: &str) {
+    if writeln!(io::stdout().lock(), "{line}").is_err() {
+        OUTPUT_GONE.store(true, Ordering::Relaxed);
+    }
+}
+
 fn say(line: &str) {
-    println!("* {line}");
+    out(&format!("* {line}"));
 }
 
 struct App {
@@ -143,13 +155,16 @@ fn run(args: Args) -> Result<(), String> {
                 Err(_) => return Err("the chat session ended".into()),
             },
         }
+        if OUTPUT_GONE.load(Ordering::Relaxed) {
+            return app.finish();
+        }
     }
 }
 
 fn ask_name(lines: &Receiver<String>, interactive: bool) -> Result<String, String> {
     loop {
         if interactive {
-            print!("your name: ");
+            let _ = write!(io::stdout(), "your name: ");
             let _ = io::stdout().flush();
         }
         match lines.recv() {
@@ -194,7 +209,7 @@ impl App {
                     say(&format!("you joined {room} as {user}; members: {}", members.join(", ")));
                 }
             }
-            Event::Message(m) => println!("{}", format_message(&m)),
+            Event::Message(m) => out(&format_message(&m)),
             Event::Presence { user, joined } => {
                 say(&format!("{user} {}", if joined { "joined" } else { "left" }));
             }
@@ -232,7 +247,7 @@ impl App {
         let arg = words.next();
         let extra = words.next().is_some();
         match (command, arg, extra) {
-            ("/help", None, false) => println!("{HELP}"),
+            ("/help", None, false) => out(HELP),
             ("/quit", None, false) => return Ok(false),
             ("/list", None, false) => match self.client.list_members(self.chat.room()) {
                 Ok(members) if members.is_empty() => say("nobody is in the room"),
@@ -281,7 +296,7 @@ impl App {
             Ok(messages) => {
                 say(&format!("the last {} message(s) of {}:", messages.len(), self.chat.room()));
                 for m in &messages {
-                    println!("{}", format_message(m));
+                    out(&format_message(m));
                 }
             }
             Err(e) => say(&e.to_string()),
@@ -354,7 +369,7 @@ impl App {
 /// Prints an event that arrived while leaving (messages and presence only).
 fn print_late(event: Event) -> Option<()> {
     match event {
-        Event::Message(m) => println!("{}", format_message(&m)),
+        Event::Message(m) => out(&format_message(&m)),
         Event::Presence { user, joined } => {
             say(&format!("{user} {}", if joined { "joined" } else { "left" }))
         }

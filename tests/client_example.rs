@@ -254,3 +254,40 @@ fn mistakes_print_one_sentence() {
     let (code, _, stderr) = bob.wait_exit();
     assert_eq!((code, stderr.as_str()), (0, ""));
 }
+
+#[test]
+fn a_closed_output_makes_the_client_leave_and_exit_quietly() {
+    let server = server();
+    let addr = server.addr();
+    let mut bob = Console::start(&addr, &["bob"]);
+    bob.expect_line("its welcome", |l| l.starts_with("* you joined general as bob"));
+    // `client erin | head -1`: the reader of erin's output goes away after one line.
+    let mut erin = Command::new(client_binary())
+        .args(["--server", &addr, "erin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the example starts");
+    let mut first = String::new();
+    BufReader::new(erin.stdout.take().expect("piped")).read_line(&mut first).expect("one line");
+    assert!(first.starts_with("* you joined general as erin"), "{first}");
+    bob.expect_line("erin joining", |l| l == "* erin joined");
+    // Her output is closed now; her next line is still sent, and printing it ends her.
+    let mut stdin = erin.stdin.take().expect("piped");
+    writeln!(stdin, "the reader left").expect("erin reads her input");
+    stdin.flush().unwrap();
+    bob.expect_line("erin's message", |l| is_message(l, "erin", "the reader left"));
+    bob.expect_line("erin leaving", |l| l == "* erin left");
+    let (tx, rx) = unbounded();
+    thread::spawn(move || {
+        let status = erin.wait();
+        let mut err = String::new();
+        let _ = erin.stderr.take().expect("piped").read_to_string(&mut err);
+        let _ = tx.send((status, err));
+    });
+    let (status, stderr) = rx.recv_timeout(DEADLINE).expect("erin exits in time");
+    assert_eq!(status.expect("erin ran").code(), Some(0), "stderr: {stderr}");
+    assert_eq!(stderr, "");
+    drop(stdin);
+}
