@@ -6,7 +6,7 @@ mod core_harness;
 use std::time::Duration;
 
 use core_harness::{code, config, Harness};
-use grpc_chat::core::{Accepted, BrokerConfig, Code, Input, Seq, Token};
+use grpc_chat::core::{Accepted, BrokerConfig, Code, Input, Seq, Token, MESSAGE_OVERHEAD};
 
 #[test]
 fn the_directory_lists_rooms_sorted_with_counts() {
@@ -122,4 +122,69 @@ fn the_next_deadline_is_the_earliest_and_timers_fire_in_order() {
     assert_eq!(leaves, vec!["b", "a", "c"]);
     assert_eq!(h.broker.poll_timeout(), None);
     assert_eq!(code(h.send(first.token.as_str(), "x")), Code::NotFound, "expired, not left");
+}
+
+/// The seqs `room` retains.
+fn retained(h: &Harness, room: &str) -> Vec<u64> {
+    h.broker.history(room, Seq(0), 0).unwrap().iter().map(|m| m.seq.get()).collect()
+}
+
+#[test]
+fn the_history_budget_trims_the_heaviest_room_first() {
+    let text = "x".repeat(100);
+    let weight = MESSAGE_OVERHEAD + 100;
+    let mut h = Harness::new(BrokerConfig { history_bytes: 10 * weight, ..config() });
+    let (big, _) = h.connect("ann", "big");
+    let (small, _) = h.connect("bob", "small");
+    for _ in 0..8 {
+        h.post(big, &text).unwrap();
+    }
+    for _ in 0..2 {
+        h.post(small, &text).unwrap();
+    }
+    assert_eq!(h.broker.history_bytes(), 10 * weight, "exactly at the budget: nothing trimmed");
+    assert_eq!(retained(&h, "big"), (1..=8).collect::<Vec<_>>());
+    // One more message anywhere: the heaviest room gives up its oldest.
+    h.post(small, &text).unwrap();
+    assert_eq!(retained(&h, "big"), (2..=8).collect::<Vec<_>>());
+    assert_eq!(retained(&h, "small"), vec![1, 2, 3]);
+    assert_eq!(h.broker.history_bytes(), 10 * weight);
+    // Rooms of equal weight keep a total within the budget whatever posts next.
+    for _ in 0..20 {
+        h.post(small, &text).unwrap();
+        assert!(h.broker.history_bytes() <= 10 * weight);
+    }
+    assert_eq!(retained(&h, "big").len() + retained(&h, "small").len(), 10);
+    assert_eq!(retained(&h, "small").last(), Some(&23), "the newest message is always kept");
+    // Every member still received every message live.
+    assert_eq!(h.live_seqs(small), (1..=23).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_member_resuming_past_messages_the_budget_dropped_is_told_of_the_gap() {
+    let weight = MESSAGE_OVERHEAD + 1;
+    let mut h = Harness::new(BrokerConfig { history_bytes: 3 * weight, ..config() });
+    let (ann, token) = h.connect("ann", "r");
+    let (bob, _) = h.connect("bob", "r");
+    h.post(bob, "1").unwrap();
+    h.end_stream(ann); // ann saw seq 1
+    for i in 2..=6 {
+        h.post(bob, &i.to_string()).unwrap();
+    }
+    assert_eq!(retained(&h, "r"), vec![4, 5, 6], "the budget holds three");
+    let epoch = h.welcome(ann).epoch;
+    let (again, r) = h.try_attach(&token, 1, epoch);
+    assert!(matches!(r, Ok(Accepted::Attached { gap: true, replayed: 3, .. })), "{r:?}");
+    assert_eq!(h.backlog_seqs(again), vec![4, 5, 6]);
+}
+
+#[test]
+fn an_evicted_room_gives_its_history_weight_back() {
+    let mut h = Harness::new(BrokerConfig { max_rooms: 1, ..config() });
+    let (c, _) = h.connect("ann", "a");
+    h.post_id(c, "hello", "id-1").unwrap();
+    assert_eq!(h.broker.history_bytes(), MESSAGE_OVERHEAD + "hello".len() + "id-1".len());
+    h.input(Input::LeaveStream { conn: c }).unwrap();
+    h.join("bob", "b"); // evicts "a"
+    assert_eq!(h.broker.history_bytes(), 0);
 }

@@ -11,10 +11,13 @@
 mod core_harness;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use core_harness::{code, config, Harness, XorShift};
-use grpc_chat::core::{Accepted, BrokerConfig, Code, ConnId, Epoch, Hello, Input, Seq, Token};
+use grpc_chat::core::{
+    Accepted, BrokerConfig, Code, ConnId, Epoch, Hello, Input, Message, Seq, Token, MESSAGE_OVERHEAD,
+};
 
 const USERS: &[&str] = &["ann", "bob", "cid", "dee", "eve", "fay"];
 const ROOMS: &[&str] = &["r1", "r2", "r3"];
@@ -127,7 +130,13 @@ fn any_session(rng: &mut XorShift, m: &Model) -> Option<usize> {
 
 fn run(seed: u64, steps: usize) -> Stats {
     let mut stats = Stats::default();
-    let cfg = BrokerConfig { history_limit: 8, presence_limit: 4, dedup_window: 4, ..config() };
+    let cfg = BrokerConfig {
+        history_limit: 8,
+        history_bytes: HISTORY_BYTES,
+        presence_limit: 4,
+        dedup_window: 4,
+        ..config()
+    };
     let (grace, attach_timeout) = (cfg.resume_grace, cfg.attach_timeout);
     let mut h = Harness::new(cfg);
     let mut m = Model::default();
@@ -201,6 +210,7 @@ fn run(seed: u64, steps: usize) -> Stats {
                 let last = h.last_seq(&room);
                 let since = if rng.chance(50) { last.saturating_sub(rng.below(12) as u64) } else { 0 };
                 let token = m.sessions[i].token.clone();
+                let retained_before = retained(h.broker.history(&room, Seq(0), 0).unwrap_or_default());
                 let (conn, result) = if rng.chance(70) {
                     h.try_attach(&token, since, Epoch(0))
                 } else {
@@ -211,7 +221,7 @@ fn run(seed: u64, steps: usize) -> Stats {
                         Ok(Accepted::Attached { resumed, gap, .. }) => {
                             assert_eq!(resumed, m.sessions[i].ever_attached, "{ctx}");
                             stats.resumes += usize::from(resumed);
-                            let retained_from = last.saturating_sub(8) + 1;
+                            let retained_from = retained_before.first().copied().unwrap_or(last + 1);
                             // A resume from 0 is owed everything since the join.
                             let owed_after =
                                 if since > 0 || !resumed { since } else { m.sessions[i].joined_at };
@@ -362,7 +372,25 @@ fn run(seed: u64, steps: usize) -> Stats {
     stats
 }
 
+/// What all histories may weigh together: fewer messages than the rooms' rings could hold.
+const HISTORY_BYTES: usize = 14 * (MESSAGE_OVERHEAD + 8);
+
+fn retained(history: Vec<Arc<Message>>) -> Vec<u64> {
+    history.iter().map(|m| m.seq.get()).collect()
+}
+
 fn check(h: &Harness, m: &Model, ctx: &str) {
+    let mut weight = 0;
+    for room in ROOMS {
+        let history = h.broker.history(room, Seq(0), 0).unwrap_or_default();
+        weight += history.iter().map(|m| m.weight()).sum::<usize>();
+        let seqs = retained(history);
+        let last = h.last_seq(room);
+        let suffix: Vec<u64> = (last + 1 - seqs.len() as u64..=last).collect();
+        assert!(seqs.len() <= 8 && seqs == suffix, "{ctx}: {room} retains {seqs:?} of {last}");
+    }
+    assert_eq!(h.broker.history_bytes(), weight, "{ctx}: history weight");
+    assert!(weight <= HISTORY_BYTES, "{ctx}: history over budget");
     for room in ROOMS {
         let members = h.members(room);
         let mut unique = members.clone();

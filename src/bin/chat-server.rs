@@ -22,6 +22,10 @@ struct Args {
     /// Messages retained per room and replayed to joining or resuming members.
     #[arg(long, default_value_t = 500)]
     history: usize,
+    /// Most memory all rooms' histories may take together, in MiB (0 = no limit); past it
+    /// the room holding the most drops its oldest messages
+    #[arg(long, default_value_t = 1024)]
+    history_mib: usize,
     /// Most concurrent Chat and Subscribe streams; past it, RESOURCE_EXHAUSTED at once.
     #[arg(long, default_value_t = 10_000)]
     max_streams: usize,
@@ -95,6 +99,10 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
             ..Limits::default()
         },
         history_limit: args.history,
+        history_bytes: match args.history_mib {
+            0 => usize::MAX,
+            mib => mib.saturating_mul(1 << 20),
+        },
         resume_grace: seconds(args.resume_grace, "resume-grace")?,
         attach_timeout: seconds(args.attach_timeout, "attach-timeout")?,
         presence_limit: args.presence_limit,

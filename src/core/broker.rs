@@ -1,6 +1,6 @@
 //! The broker: the state machine that owns rooms, sessions and streams.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -42,6 +42,10 @@ pub struct Broker {
     base_epoch: u64,
     rooms_created: u64,
     rooms: BTreeMap<Arc<str>, Room>,
+    /// Rooms whose history weighs anything, by that weight: the heaviest is last.
+    by_weight: BTreeSet<(usize, Arc<str>)>,
+    /// What all histories weigh together.
+    history_bytes: usize,
     sessions: HashMap<SessionId, Session>,
     tokens: HashMap<Token, SessionId>,
     tombstones: (VecDeque<Token>, HashSet<Token>),
@@ -62,6 +66,8 @@ impl Broker {
             base_epoch: epoch,
             rooms_created: 0,
             rooms: BTreeMap::new(),
+            by_weight: BTreeSet::new(),
+            history_bytes: 0,
             sessions: HashMap::new(),
             tokens: HashMap::new(),
             tombstones: (VecDeque::new(), HashSet::new()),
@@ -249,7 +255,9 @@ impl Broker {
             let idle = self.rooms.iter().find(|(_, r)| r.is_idle()).map(|(k, _)| Arc::clone(k));
             match idle {
                 Some(k) => {
-                    self.rooms.remove(&k);
+                    if let Some(evicted) = self.rooms.remove(&k) {
+                        self.reweigh(&k, evicted.history_bytes(), 0);
+                    }
                 }
                 None => {
                     return Err(Rejection::new(Code::ResourceExhausted, "the server holds too many rooms"))
@@ -344,14 +352,48 @@ impl Broker {
         }
         let (room, user) = (Arc::clone(&session.room), Arc::clone(&session.user));
         let r = self.rooms.get_mut(&room).expect("a session's room exists while it lives");
+        let before = r.history_bytes();
         let message =
             r.append(|seq| Message { room: Arc::clone(&room), user, text, seq, sent_at_ms, client_msg_id });
-        let to = r.recipients();
+        let (to, after) = (r.recipients(), r.history_bytes());
         let posted = Posted { seq: message.seq, duplicate: false, recipients: to.len() };
         if !to.is_empty() {
             self.outputs.push_back(Output::Deliver { to, event: Event::Message(message) });
         }
+        self.reweigh(&room, before, after);
+        self.trim_histories();
         Ok(posted)
+    }
+
+    /// Records that `room`'s history went from weighing `before` to `after`.
+    fn reweigh(&mut self, room: &Arc<str>, before: usize, after: usize) {
+        if before == after {
+            return;
+        }
+        if before > 0 {
+            self.by_weight.remove(&(before, Arc::clone(room)));
+        }
+        if after > 0 {
+            self.by_weight.insert((after, Arc::clone(room)));
+        }
+        self.history_bytes = self.history_bytes - before + after;
+    }
+
+    /// Keeps all histories together within the budget: the heaviest room loses its
+    /// oldest messages first. A reader that later asks for them is told of the gap.
+    fn trim_histories(&mut self) {
+        while self.history_bytes > self.config.history_bytes {
+            let Some((before, name)) = self.by_weight.last().cloned() else { break };
+            let room = self.rooms.get_mut(&name).expect("a weighed room exists");
+            room.evict_oldest();
+            let after = room.history_bytes();
+            self.reweigh(&name, before, after);
+        }
+    }
+
+    /// What all rooms' histories weigh together (see [`Message::weight`]).
+    pub fn history_bytes(&self) -> usize {
+        self.history_bytes
     }
 
     fn shutdown(&mut self, now: Instant, notice: String) -> Accepted {

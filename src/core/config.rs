@@ -36,6 +36,12 @@ pub struct BrokerConfig {
     pub limits: Limits,
     /// Messages retained per room (the history ring).
     pub history_limit: usize,
+    /// Most bytes all rooms' histories hold together, counted by [`Message::weight`]
+    /// (`usize::MAX`: no limit). Past it, the room holding the most loses its oldest
+    /// messages, so that many full rooms cannot exhaust the server's memory.
+    ///
+    /// [`Message::weight`]: super::Message::weight
+    pub history_bytes: usize,
     /// How long a session whose stream ended stays reserved for a resume.
     pub resume_grace: Duration,
     /// How long a session opened by `Join` may stay without ever attaching a stream.
@@ -58,6 +64,7 @@ impl Default for BrokerConfig {
         BrokerConfig {
             limits: Limits::default(),
             history_limit: 500,
+            history_bytes: 1 << 30,
             resume_grace: Duration::from_secs(15),
             attach_timeout: Duration::from_secs(30),
             presence_limit: 256,

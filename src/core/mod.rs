@@ -46,7 +46,7 @@ mod validate;
 
 pub use broker::Broker;
 pub use config::{BrokerConfig, Limits, RateLimit};
-pub use event::{Close, Event, Message, Notice, Output, Presence, Recipients, Welcome};
+pub use event::{Close, Event, Message, Notice, Output, Presence, Recipients, Welcome, MESSAGE_OVERHEAD};
 pub use ids::{ConnId, Epoch, Seq, Token};
 pub use input::{Accepted, Hello, Input, JoinInfo, Posted, RoomInfo};
 pub use validate::{Code, Rejection};

@@ -19,6 +19,8 @@ pub(crate) struct Room {
     last_seq: Seq,
     history: VecDeque<Arc<Message>>,
     history_limit: usize,
+    /// What the retained messages weigh together (see [`Message::weight`]).
+    history_bytes: usize,
     /// Reserved user names and the sessions holding them; sorted for member lists.
     pub(crate) members: BTreeMap<Arc<str>, SessionId>,
     /// Streams that receive the room's events.
@@ -35,6 +37,7 @@ impl Room {
             last_seq: Seq(0),
             history: VecDeque::new(),
             history_limit,
+            history_bytes: 0,
             members: BTreeMap::new(),
             listeners: BTreeSet::new(),
             snapshot: None,
@@ -51,11 +54,24 @@ impl Room {
         let message = Arc::new(make(self.last_seq));
         if self.history_limit > 0 {
             if self.history.len() == self.history_limit {
-                self.history.pop_front();
+                self.evict_oldest();
             }
+            self.history_bytes += message.weight();
             self.history.push_back(Arc::clone(&message));
         }
         message
+    }
+
+    /// What the retained messages weigh together.
+    pub(crate) fn history_bytes(&self) -> usize {
+        self.history_bytes
+    }
+
+    /// Drops the oldest retained message, if any.
+    pub(crate) fn evict_oldest(&mut self) {
+        if let Some(old) = self.history.pop_front() {
+            self.history_bytes -= old.weight();
+        }
     }
 
     /// The retained messages with `seq > since`, the newest `limit` of them (0 = all).
