@@ -322,3 +322,29 @@ fn shutdown_does_not_wait_for_a_client_that_stopped_reading() {
     }
     assert_eq!(reader.events.end().0, RpcStatusCode::UNAVAILABLE);
 }
+
+#[test]
+fn a_replay_larger_than_one_write_arrives_whole_and_in_order_before_live_messages() {
+    let server = server(|_| {});
+    let c = client(&server.addr());
+    let poster =
+        c.join(&pb::JoinRequest { user: "poster".into(), room: "deep".into() }).expect("join").session;
+    // 100 messages of 3000 bytes: about 300 KB of replay, several writes of at most 64 KiB.
+    let text = "y".repeat(3000);
+    for _ in 0..100 {
+        let sent =
+            pb::SendRequest { session: poster.clone(), text: text.clone(), client_msg_id: String::new() };
+        c.send(&sent).expect("send");
+    }
+    let (mut late, welcome) = ChatStream::join(&c, "late", "deep");
+    assert_eq!(welcome.last_seq, 100);
+    let sent = pb::SendRequest { session: poster, text: "live".into(), client_msg_id: String::new() };
+    c.send(&sent).expect("send");
+    for seq in 1..=100 {
+        let m = late.events.message();
+        assert_eq!((m.seq, m.text.len()), (seq, 3000), "the replay, in order");
+    }
+    assert_eq!(late.events.message().text, "live", "then the live message");
+    assert!(late.events.writes.load(std::sync::atomic::Ordering::SeqCst) >= 5, "split over several writes");
+    late.send(Frame::Leave(pb::Leave {}));
+}

@@ -114,11 +114,12 @@ fn event(e: pb::server_event::Event) -> pb::ServerEvent {
     pb::ServerEvent { event: Some(e) }
 }
 
-/// Encodes a core event into the bytes every recipient receives. A backlog becomes one
-/// or more batches of at most `max_batch_bytes` each (a batch is never empty).
-pub fn encode(ev: &Event, max_batch_bytes: usize) -> Vec<Encoded> {
+/// Encodes a core event into the bytes every recipient receives; a backlog becomes one
+/// batch. (The hub does not encode backlogs: it queues their messages, and the stream's
+/// thread encodes them with [`message`] a batch at a time as it writes.)
+pub fn encode(ev: &Event) -> Encoded {
     use pb::server_event::Event as E;
-    let single = |e: E| vec![Encoded(GrpcSlice::from(event(e).encode_to_vec()))];
+    let single = |e: E| Encoded(GrpcSlice::from(event(e).encode_to_vec()));
     match ev {
         Event::Message(m) => single(E::Message(chat_message(m))),
         Event::Presence(p) => single(E::Presence(pb::Presence {
@@ -145,20 +146,15 @@ pub fn encode(ev: &Event, max_batch_bytes: usize) -> Vec<Encoded> {
         })),
         Event::Backlog(messages) => {
             let mut batcher = Batcher::default();
-            let mut out = Vec::new();
-            for m in messages {
-                let bytes = event(E::Message(chat_message(m))).encode_to_vec();
-                if !batcher.is_empty() && batcher.body_len() + bytes.len() + 8 > max_batch_bytes {
-                    out.push(batcher.finish());
-                }
-                batcher.push(Encoded(GrpcSlice::from(bytes)));
-            }
-            if !batcher.is_empty() {
-                out.push(batcher.finish());
-            }
-            out
+            messages.iter().for_each(|m| batcher.push(message(m)));
+            batcher.finish()
         }
     }
+}
+
+/// One chat message as a `ServerEvent`.
+pub fn message(m: &core::Message) -> Encoded {
+    Encoded(GrpcSlice::from(event(pb::server_event::Event::Message(chat_message(m))).encode_to_vec()))
 }
 
 /// Builds one `ServerEvent{batch}` from encoded events without decoding them: each
@@ -190,6 +186,19 @@ impl Batcher {
             None => 1 + varint_len(bytes.len() as u64) + bytes.len(),
         };
         self.parts.push(event);
+    }
+
+    /// What was pushed, as one write: nothing, a single event (or batch) as it is, or one
+    /// batch of all of them. The batcher is empty again afterwards.
+    pub fn take(&mut self) -> Option<Encoded> {
+        match self.parts.len() {
+            0 => None,
+            1 => {
+                self.body_len = 0;
+                self.parts.pop()
+            }
+            _ => Some(self.finish()),
+        }
     }
 
     /// The batch as one encoded `ServerEvent`; the batcher is empty again afterwards.
@@ -292,7 +301,7 @@ mod tests {
     fn batch_of_single_events_decodes_in_order() {
         let mut b = Batcher::default();
         for seq in 1..=3 {
-            b.push(encode(&message(seq), 1 << 20).remove(0));
+            b.push(encode(&message(seq)));
         }
         assert_eq!(seqs(b.finish().0.as_slice()), vec![1, 2, 3]);
         assert!(b.is_empty());
@@ -300,13 +309,29 @@ mod tests {
 
     #[test]
     fn batches_are_flattened_not_nested() {
-        let backlog = backlog(1..=4);
-        let encoded = encode(&backlog, 1 << 20);
-        assert_eq!(encoded.len(), 1);
         let mut b = Batcher::default();
-        b.push(encoded[0].clone());
-        b.push(encode(&message(5), 1 << 20).remove(0));
+        b.push(encode(&backlog(1..=4)));
+        b.push(encode(&message(5)));
         assert_eq!(seqs(b.finish().0.as_slice()), vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn take_sends_a_single_event_as_it_is_and_several_as_a_batch() {
+        let mut b = Batcher::default();
+        assert!(b.take().is_none());
+        b.push(encode(&message(1)));
+        let single = b.take().expect("one event");
+        assert_eq!(single.0.as_slice(), encode(&message(1)).0.as_slice());
+        assert!(b.is_empty() && b.body_len() == 0);
+        b.push(encode(&message(2)));
+        b.push(encode(&message(3)));
+        assert_eq!(seqs(b.take().expect("a batch").0.as_slice()), vec![2, 3]);
+        // A lone batch goes out as it is.
+        b.push(encode(&backlog(4..=5)));
+        assert_eq!(seqs(b.take().expect("a batch").0.as_slice()), vec![4, 5]);
+        b.push(encode(&backlog(6..=7)));
+        b.push(encode(&message(8)));
+        assert_eq!(seqs(b.take().expect("a batch").0.as_slice()), vec![6, 7, 8], "flattened, never nested");
     }
 
     #[test]
@@ -317,14 +342,5 @@ mod tests {
             assert_eq!(buf.len(), varint_len(v), "{v}");
             assert_eq!(get_varint(&buf), Some((v, buf.len())));
         }
-    }
-
-    #[test]
-    fn large_backlog_is_split_by_size() {
-        let backlog = backlog(1..=100);
-        let encoded = encode(&backlog, 200);
-        assert!(encoded.len() > 1);
-        let all: Vec<u64> = encoded.iter().flat_map(|e| seqs(e.0.as_slice())).collect();
-        assert_eq!(all, (1..=100).collect::<Vec<_>>());
     }
 }

@@ -7,6 +7,7 @@
 //! when there is nothing to do. While a write is in flight it does not ask to be woken
 //! for new queue items (they will go into the next batch anyway).
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,9 +21,9 @@ use grpcio::{DuplexSink, RequestStream, RpcStatus, RpcStatusCode, ServerStreamin
 use log::debug;
 
 use super::encode::{self, Batcher, Encoded};
-use super::hub::{self, Hub, StreamShared, MAX_BATCH_BYTES};
+use super::hub::{self, Hub, Queued, StreamShared, MAX_BATCH_BYTES};
 use super::service::StreamLimit;
-use crate::core::{Close, ConnId, Input, Token};
+use crate::core::{Close, ConnId, Input, Message, Token};
 use crate::pb;
 use crate::pb::client_frame::Frame;
 
@@ -213,13 +214,16 @@ fn drive<S: EventSink>(
     hub: &Hub,
     pacing: &Pacing,
     shared: &StreamShared,
-    rx: &Receiver<Encoded>,
+    rx: &Receiver<Queued>,
     mut requests: Option<RequestStream<pb::ClientFrame>>,
     mut sink: S,
 ) {
     let waker = Waker::from(Arc::new(Unparker(thread::current())));
     let mut cx = Context::from_waker(&waker);
     let mut batcher = Batcher::default();
+    // The rest of a history replay taken off the queue: it goes out before anything
+    // queued after it.
+    let mut replay = VecDeque::new();
     let mut reading = requests.is_some();
     let mut writing = false;
     // Looks in a row that found the write still in flight at a tick.
@@ -258,7 +262,7 @@ fn drive<S: EventSink>(
             // A busy stream whose write is still in flight at its tick does not ask to be
             // woken by the completion either: it backs off to a later tick (see
             // `Pacing::retry_write`).
-            let retry_at = if writing && !rx.is_empty() {
+            let retry_at = if writing && (!replay.is_empty() || !rx.is_empty()) {
                 pacing.retry_write(shared.conn(), now, retries)
             } else {
                 None
@@ -285,7 +289,7 @@ fn drive<S: EventSink>(
 
         // The next write: everything queued, as one batch.
         if !writing && now >= next_write_at {
-            if let Some(item) = next_write(rx, &mut batcher) {
+            if let Some(item) = next_write(rx, &mut replay, &mut batcher) {
                 let flags = WriteFlags::default();
                 if Pin::new(&mut sink).start_send((item, flags)).is_err() {
                     break 'run End::Gone;
@@ -302,7 +306,7 @@ fn drive<S: EventSink>(
         if busy {
             continue;
         }
-        let queued = !rx.is_empty() || closing.is_some();
+        let queued = !replay.is_empty() || !rx.is_empty() || closing.is_some();
         if now < next_write_at && (writing || queued) {
             // Pacing: come back when the interval is over (a close or a frame may wake
             // us earlier).
@@ -313,7 +317,7 @@ fn drive<S: EventSink>(
             thread::park();
         } else {
             shared.set_idle(true);
-            if rx.is_empty() && !shared.close_pending() {
+            if replay.is_empty() && rx.is_empty() && !shared.close_pending() {
                 thread::park();
             }
             shared.set_idle(false);
@@ -399,19 +403,29 @@ fn handle_frame(hub: &Hub, shared: &StreamShared, frame: pb::ClientFrame) -> Res
     Ok(())
 }
 
-/// Takes what is queued: a single event as it is, several as one batch (up to
-/// `MAX_BATCH_BYTES`).
-fn next_write(rx: &Receiver<Encoded>, batcher: &mut Batcher) -> Option<Encoded> {
-    let first = rx.try_recv().ok()?;
-    if rx.is_empty() {
-        return Some(first);
-    }
-    batcher.push(first);
+/// Takes what is queued, up to `MAX_BATCH_BYTES`: a single event as it is, several as one
+/// batch. A replay is encoded here, message by message, as far as the batch reaches; the
+/// rest waits in `replay` and goes before the queue next time.
+fn next_write(
+    rx: &Receiver<Queued>,
+    replay: &mut VecDeque<Arc<Message>>,
+    batcher: &mut Batcher,
+) -> Option<Encoded> {
     while batcher.body_len() < MAX_BATCH_BYTES {
-        let Ok(next) = rx.try_recv() else { break };
+        let next = match replay.pop_front() {
+            Some(message) => encode::message(&message),
+            None => match rx.try_recv() {
+                Ok(Queued::Event(event)) => event,
+                Ok(Queued::Backlog(messages)) => {
+                    replay.extend(messages);
+                    continue;
+                }
+                Err(_) => break,
+            },
+        };
         batcher.push(next);
     }
-    Some(batcher.finish())
+    batcher.take()
 }
 
 /// Ends the call: OK (`status` is `None`) or with `status`. Gives up and cancels the
@@ -481,6 +495,67 @@ mod tests {
         }
         // Stream ids wrap around the groups.
         assert_eq!(next_tick(epoch, epoch, interval, 3 + TICK_GROUPS), next_tick(epoch, epoch, interval, 3));
+    }
+
+    fn chat(seq: u64, bytes: usize) -> Arc<Message> {
+        Arc::new(Message {
+            room: "r".into(),
+            user: "u".into(),
+            text: "x".repeat(bytes),
+            seq: crate::core::Seq(seq),
+            sent_at_ms: 0,
+            client_msg_id: String::new(),
+        })
+    }
+
+    /// The seqs of the messages in one write (a single event or a batch).
+    fn seqs(write: &Encoded) -> Vec<u64> {
+        use crate::pb::server_event::Event as E;
+        use prost::Message as _;
+        let event = crate::pb::ServerEvent::decode(write.0.as_slice()).expect("a server event");
+        let events = match event.event {
+            Some(E::Batch(b)) => b.events,
+            _ => vec![event],
+        };
+        events
+            .into_iter()
+            .map(|e| match e.event {
+                Some(E::Message(m)) => m.seq,
+                other => panic!("not a message: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_replay_is_encoded_a_batch_at_a_time_and_goes_before_what_was_queued_after_it() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        tx.send(Queued::Event(encode::message(&chat(1, 10)))).unwrap();
+        tx.send(Queued::Backlog((2..=101).map(|seq| chat(seq, 2000)).collect())).unwrap();
+        tx.send(Queued::Event(encode::message(&chat(102, 10)))).unwrap();
+        let (mut replay, mut batcher) = (VecDeque::new(), Batcher::default());
+        let mut writes = Vec::new();
+        while let Some(write) = next_write(&rx, &mut replay, &mut batcher) {
+            assert!(write.0.len() <= MAX_BATCH_BYTES + 2100, "a write of {} bytes", write.0.len());
+            writes.push(seqs(&write));
+            if writes.len() == 1 {
+                // What the first write did not take waits, encoded only when written.
+                assert!(!replay.is_empty() && replay.len() < 100, "{} left", replay.len());
+            }
+        }
+        assert!(writes.len() >= 3, "about 200 KB go out in batches of at most 64 KiB: {}", writes.len());
+        let all: Vec<u64> = writes.concat();
+        assert_eq!(all, (1..=102).collect::<Vec<_>>(), "in order, nothing lost or repeated");
+        assert!(replay.is_empty() && rx.is_empty());
+    }
+
+    #[test]
+    fn a_lone_event_goes_out_as_it_is() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let event = encode::message(&chat(7, 10));
+        tx.send(Queued::Event(event.clone())).unwrap();
+        let write = next_write(&rx, &mut VecDeque::new(), &mut Batcher::default()).expect("a write");
+        assert_eq!(write.0.as_slice(), event.0.as_slice());
+        assert!(next_write(&rx, &mut VecDeque::new(), &mut Batcher::default()).is_none());
     }
 
     #[test]
