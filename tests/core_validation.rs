@@ -36,6 +36,13 @@ const BAD_USERS: &[(&str, &str)] = &[
     ("an\nn", "newline"),
     ("ann\u{0}", "NUL"),
     ("\u{9b}x", "C1 control"),
+    (" ann", "a leading space"),
+    ("ann ", "a trailing space"),
+    ("a\u{200B}nn", "a zero-width space"),
+    ("ann\u{202E}", "a right-to-left override"),
+    ("\u{FEFF}ann", "a byte-order mark"),
+    ("an\u{AD}n", "a soft hyphen"),
+    ("ann\u{E0041}", "a tag character"),
 ];
 
 const BAD_ROOMS: &[(&str, &str)] = &[
@@ -47,6 +54,20 @@ const BAD_ROOMS: &[(&str, &str)] = &[
     ("r\n", "newline"),
     ("#general", "hash"),
 ];
+
+#[test]
+fn names_with_joiners_and_emoji_are_allowed() {
+    let mut h = Harness::new(config());
+    for user in [
+        "\u{645}\u{647}\u{631}\u{200C}\u{622}\u{633}\u{627}",
+        "\u{1F468}\u{200D}\u{1F469}",
+        "\u{2764}\u{FE0F} bo",
+        "Zoë",
+    ] {
+        h.join(user, "r");
+    }
+    assert_eq!(h.members("r").len(), 4);
+}
 
 #[test]
 fn the_limits_are_inclusive() {

@@ -51,11 +51,22 @@ fn invalid(reason: String) -> Rejection {
     Rejection::new(Code::InvalidArgument, reason)
 }
 
-/// Checks a user name: 1..=max characters, not blank, no control characters.
+/// Checks a user name: 1..=max characters, not blank, no control characters, and
+/// nothing that makes two names look alike: no whitespace at either end, no invisible
+/// formatting characters (see [`invisible`]).
 pub(crate) fn user(name: &str, limits: &Limits) -> Result<(), Rejection> {
     let chars = name.chars().count();
     if name.trim().is_empty() {
         return Err(invalid("user name must not be empty".into()));
+    }
+    if name.trim() != name {
+        return Err(invalid("user name must not start or end with a space".into()));
+    }
+    if let Some(c) = name.chars().find(|&c| invisible(c)) {
+        return Err(invalid(format!(
+            "user name must not contain invisible formatting characters (found U+{:04X})",
+            u32::from(c)
+        )));
     }
     if chars > limits.max_user_chars {
         return Err(invalid(format!(
@@ -67,6 +78,33 @@ pub(crate) fn user(name: &str, limits: &Limits) -> Result<(), Rejection> {
         return Err(invalid("user name must not contain control characters".into()));
     }
     Ok(())
+}
+
+/// Characters that change how text is shown without showing themselves: the zero-width
+/// space, bidirectional marks, overrides and isolates, the byte-order mark, the soft
+/// hyphen, blank Hangul fillers, tags and the like. In a user name they let `ann` and a
+/// look-alike such as `a\u{200B}nn` be two people. The zero-width joiner and non-joiner
+/// (U+200D, U+200C) stay allowed: Persian and Indic names and emoji sequences need them.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{AD}'
+            | '\u{34F}'
+            | '\u{61C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180E}'
+            | '\u{200B}'
+            | '\u{200E}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E007F}'
+    )
 }
 
 /// Checks a room name: 1..=max characters of `[A-Za-z0-9._-]`.
