@@ -77,8 +77,8 @@ impl Client {
             .initial_reconnect_backoff(Duration::from_millis(100))
             .max_reconnect_backoff(config.max_reconnect_backoff);
         if let Some(interval) = config.keepalive_interval {
-            // C-core sends at most two pings between two data frames of its own unless
-            // told otherwise, and a member that only listens sends none.
+            // Unless told otherwise C-core sends at most two pings until it next sends
+            // data, and a member that only listens sends no data.
             builder = builder
                 .keepalive_time(interval)
                 .keepalive_timeout(config.keepalive_timeout)
