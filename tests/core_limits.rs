@@ -188,3 +188,31 @@ fn an_evicted_room_gives_its_history_weight_back() {
     h.join("bob", "b"); // evicts "a"
     assert_eq!(h.broker.history_bytes(), 0);
 }
+
+#[test]
+fn a_stream_without_its_first_frame_is_closed_after_the_hello_timeout() {
+    let timeout = Duration::from_secs(10);
+    let mut h = Harness::new(BrokerConfig { hello_timeout: timeout, ..config() });
+    let start = h.now;
+    let silent = h.open();
+    assert_eq!(h.broker.poll_timeout(), Some(start + timeout), "the hello deadline is a timer");
+    h.advance(Duration::from_secs(5));
+    let (late, _) = h.connect("ann", "r"); // its hello comes at once
+    let ended = h.open();
+    h.end_stream(ended); // gone before its hello: no timer left behind
+    let (listener, r) = h.subscribe("", "r", 0);
+    r.unwrap();
+    h.advance(Duration::from_millis(4_999));
+    assert!(!h.is_closed(silent), "not before the deadline");
+    h.advance(Duration::from_millis(1));
+    assert_eq!(h.close_code(silent), Some(Code::DeadlineExceeded));
+    assert_eq!(
+        h.close_of(silent).error.as_ref().map(|e| e.reason.to_string()).as_deref(),
+        Some("no hello within 10 s")
+    );
+    assert_eq!(h.broker.stream_count(), 2, "the joined stream and the listener remain");
+    assert!(!h.is_closed(late) && !h.is_closed(listener));
+    assert_eq!(h.broker.poll_timeout(), None, "no deadline is left");
+    h.advance(Duration::from_secs(60));
+    assert!(!h.is_closed(late) && !h.is_closed(listener), "a stream that said hello has no deadline");
+}

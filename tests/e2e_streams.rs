@@ -348,3 +348,27 @@ fn a_replay_larger_than_one_write_arrives_whole_and_in_order_before_live_message
     assert!(late.events.writes.load(std::sync::atomic::Ordering::SeqCst) >= 5, "split over several writes");
     late.send(Frame::Leave(pb::Leave {}));
 }
+
+#[test]
+fn a_stream_that_never_says_hello_is_closed_and_frees_its_place() {
+    let server = server(|c| {
+        c.max_streams = 1;
+        c.broker.hello_timeout = Duration::from_millis(300);
+    });
+    let c = client(&server.addr());
+    let silent = ChatStream::open(&c);
+    let (code, msg) = silent.events.end();
+    assert_eq!(code, RpcStatusCode::DEADLINE_EXCEEDED, "{msg}");
+    assert_eq!(msg, "no hello within 0.3 s");
+    // Its place under the stream limit (1 here) is free again.
+    let freed = (0..200).any(|_| {
+        let mut s = ChatStream::open(&c);
+        s.send(hello("next", "r"));
+        match s.events.next() {
+            Seen::Event(Event::Welcome(_)) => true,
+            Seen::End(RpcStatusCode::RESOURCE_EXHAUSTED, _) => false,
+            other => panic!("unexpected {other:?}"),
+        }
+    });
+    assert!(freed, "the silent stream's place was released");
+}

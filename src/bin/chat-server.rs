@@ -59,6 +59,10 @@ struct Args {
     /// Seconds a session opened by Join may stay without attaching a stream.
     #[arg(long, default_value_t = 30.0)]
     attach_timeout: f64,
+    /// Seconds a new stream may stay without its first frame (hello or subscribe) before it
+    /// is closed with DEADLINE_EXCEEDED
+    #[arg(long, default_value_t = 10.0)]
+    hello_timeout: f64,
     /// Seconds shutdown waits for streams to take their notice.
     #[arg(long, default_value_t = 5.0)]
     shutdown_grace: f64,
@@ -105,6 +109,7 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
         },
         resume_grace: seconds(args.resume_grace, "resume-grace")?,
         attach_timeout: seconds(args.attach_timeout, "attach-timeout")?,
+        hello_timeout: seconds(args.hello_timeout, "hello-timeout")?,
         presence_limit: args.presence_limit,
         rate_limit,
         max_rooms: args.max_rooms,

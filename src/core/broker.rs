@@ -30,8 +30,8 @@ enum Ending {
 
 /// What the core knows of a stream.
 enum Conn {
-    /// Opened; its first frame (hello or subscribe) has not arrived.
-    AwaitingHello,
+    /// Opened; its first frame (hello or subscribe) has not arrived by `deadline` yet.
+    AwaitingHello { deadline: Instant },
     /// Receiving a room's events, on behalf of a session or anonymously.
     Attached { room: Arc<str>, session: Option<SessionId> },
 }
@@ -51,6 +51,8 @@ pub struct Broker {
     tombstones: (VecDeque<Token>, HashSet<Token>),
     conns: HashMap<ConnId, Conn>,
     timers: Timers,
+    /// Streams awaiting their first frame, by deadline.
+    hello_due: BTreeSet<(Instant, ConnId)>,
     outputs: VecDeque<Output>,
     next_session: u64,
     next_conn: u64,
@@ -73,6 +75,7 @@ impl Broker {
             tombstones: (VecDeque::new(), HashSet::new()),
             conns: HashMap::new(),
             timers: Timers::default(),
+            hello_due: BTreeSet::new(),
             outputs: VecDeque::new(),
             next_session: 1,
             next_conn: 1,
@@ -140,7 +143,7 @@ impl Broker {
         );
         match input {
             Input::Join { user, room, token } => self.join(now, &user, &room, token).map(Accepted::Joined),
-            Input::Open => self.open(),
+            Input::Open => self.open(now),
             Input::Hello { conn, hello, new_token } => self.hello(now, conn, hello, new_token),
             Input::Subscribe { conn, session, room, since, epoch } => {
                 self.subscribe(now, conn, &session, &room, since, epoch)
@@ -180,6 +183,13 @@ impl Broker {
             let _ = timer;
             self.end_session(session, Ending::Expired);
         }
+        while let Some(&(deadline, conn)) = self.hello_due.first() {
+            if deadline > now {
+                break;
+            }
+            let why = format!("no hello within {} s", self.config.hello_timeout.as_secs_f64());
+            self.close_with(now, conn, Code::DeadlineExceeded, why);
+        }
     }
 
     // ---- outputs -------------------------------------------------------------------
@@ -191,7 +201,11 @@ impl Broker {
 
     /// When [`handle_timeout`](Self::handle_timeout) must next be called, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.next()
+        let hello = self.hello_due.first().map(|&(at, _)| at);
+        match (self.timers.next(), hello) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     // ---- sessions ------------------------------------------------------------------

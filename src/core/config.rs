@@ -46,6 +46,10 @@ pub struct BrokerConfig {
     pub resume_grace: Duration,
     /// How long a session opened by `Join` may stay without ever attaching a stream.
     pub attach_timeout: Duration,
+    /// How long a new stream may stay without its first frame (hello or subscribe) before
+    /// it is closed with `DEADLINE_EXCEEDED`: a silent stream holds a thread and a place
+    /// under the stream limit.
+    pub hello_timeout: Duration,
     /// Above this many members, presence events are not fanned out to everyone (and
     /// welcomes carry no member list); clients ask `ListMembers` instead.
     pub presence_limit: usize,
@@ -67,6 +71,7 @@ impl Default for BrokerConfig {
             history_bytes: 1 << 30,
             resume_grace: Duration::from_secs(15),
             attach_timeout: Duration::from_secs(30),
+            hello_timeout: Duration::from_secs(10),
             presence_limit: 256,
             rate_limit: Some(RateLimit { per_second: 20.0, burst: 50 }),
             dedup_window: 256,

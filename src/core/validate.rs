@@ -22,6 +22,8 @@ pub enum Code {
     Unavailable,
     /// The stream was superseded: its session was resumed on another stream.
     Aborted,
+    /// A stream sent no first frame in time.
+    DeadlineExceeded,
 }
 
 /// A refusal to be shown to the client that caused it: a status code and one sentence.

@@ -45,6 +45,7 @@ pub fn status_code(code: Code) -> RpcStatusCode {
         Code::ResourceExhausted => RpcStatusCode::RESOURCE_EXHAUSTED,
         Code::Unavailable => RpcStatusCode::UNAVAILABLE,
         Code::Aborted => RpcStatusCode::ABORTED,
+        Code::DeadlineExceeded => RpcStatusCode::DEADLINE_EXCEEDED,
     }
 }
 

@@ -145,6 +145,8 @@ impl Hub {
             lagged: AtomicBool::new(false),
         });
         state.routes.insert(conn, Arc::clone(&shared));
+        // Its hello deadline.
+        self.schedule_timer(&mut state);
         Ok((shared, rx))
     }
 
@@ -230,6 +232,12 @@ impl Hub {
                 let _ = state.broker.handle_input(Instant::now(), Input::Lagging { conn });
             }
         }
+        self.schedule_timer(state);
+    }
+
+    /// Wakes the timer thread if the broker's next deadline is earlier than the one it
+    /// sleeps until.
+    fn schedule_timer(&self, state: &mut State) {
         let next = state.broker.poll_timeout();
         if next.is_some() && (state.timer_deadline.is_none() || next < state.timer_deadline) {
             state.timer_deadline = next;

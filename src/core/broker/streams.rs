@@ -12,11 +12,13 @@ use crate::core::timers::Timer;
 use crate::core::validate::{self, Code, Rejection};
 
 impl Broker {
-    pub(super) fn open(&mut self) -> Result<Accepted, Rejection> {
+    pub(super) fn open(&mut self, now: Instant) -> Result<Accepted, Rejection> {
         self.refuse_if_shutting_down()?;
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;
-        self.conns.insert(conn, Conn::AwaitingHello);
+        let deadline = now + self.config.hello_timeout;
+        self.conns.insert(conn, Conn::AwaitingHello { deadline });
+        self.hello_due.insert((deadline, conn));
         Ok(Accepted::Opened(conn))
     }
 
@@ -74,7 +76,10 @@ impl Broker {
         match self.conns.get(&conn) {
             None => Err(stream_gone()),
             Some(Conn::Attached { .. }) => Err(self.close_with(now, conn, Code::FailedPrecondition, again)),
-            Some(Conn::AwaitingHello) => Ok(()),
+            Some(&Conn::AwaitingHello { deadline }) => {
+                self.hello_due.remove(&(deadline, conn));
+                Ok(())
+            }
         }
     }
 
@@ -181,7 +186,7 @@ impl Broker {
     ) -> Result<Accepted, Rejection> {
         let id = match self.conns.get(&conn) {
             None => return Err(stream_gone()),
-            Some(Conn::AwaitingHello) => {
+            Some(Conn::AwaitingHello { .. }) => {
                 return Err(self.close_with(
                     now,
                     conn,
@@ -220,7 +225,7 @@ impl Broker {
     pub(super) fn leave_on_stream(&mut self, now: Instant, conn: ConnId) -> Result<Accepted, Rejection> {
         match self.conns.get(&conn) {
             None => Err(stream_gone()),
-            Some(Conn::AwaitingHello) => {
+            Some(Conn::AwaitingHello { .. }) => {
                 Err(self.close_with(now, conn, Code::InvalidArgument, "the first frame must be a hello"))
             }
             Some(Conn::Attached { session: None, .. }) => {
@@ -253,7 +258,10 @@ impl Broker {
     /// the core has forgotten (and its name forever).
     pub(super) fn forget_conn(&mut self, now: Instant, conn: ConnId) -> Option<Option<SessionId>> {
         match self.conns.remove(&conn)? {
-            Conn::AwaitingHello => Some(None),
+            Conn::AwaitingHello { deadline } => {
+                self.hello_due.remove(&(deadline, conn));
+                Some(None)
+            }
             Conn::Attached { room, session } => {
                 if let Some(r) = self.rooms.get_mut(&room) {
                     r.remove_listener(conn);
