@@ -18,7 +18,7 @@ use std::thread;
 use std::time::Duration;
 
 use clap::Parser;
-use crossbeam_channel::{select, unbounded, Receiver};
+use crossbeam_channel::{bounded, select, Receiver};
 use grpc_chat::client::{ChatConfig, ChatSession, Client, Error, Event, Message};
 
 /// How long to wait for the server to acknowledge the last messages before leaving.
@@ -61,8 +61,10 @@ fn main() -> ExitCode {
 
 /// Reads standard input on a thread of its own; the channel closes at end of input. A
 /// line that is not UTF-8 is refused with a sentence, and the lines after it still count.
+/// The channel holds a few lines only: while the session cannot take more messages,
+/// input waits in the pipe rather than in memory.
 fn stdin_lines() -> Receiver<String> {
-    let (tx, rx) = unbounded();
+    let (tx, rx) = bounded(16);
     thread::spawn(move || {
         let mut input = io::stdin().lock();
         let mut bytes = Vec::new();
@@ -233,9 +235,7 @@ impl App {
             return Ok(true);
         }
         if !trimmed.starts_with('/') {
-            if let Err(e) = self.chat.post(line) {
-                say(&e.to_string());
-            }
+            self.post(line)?;
             return Ok(true);
         }
         if !self.interactive {
@@ -288,6 +288,37 @@ impl App {
             _ => say(&format!("unknown command {command}; type /help for the list of commands")),
         }
         Ok(true)
+    }
+
+    /// Sends one message. While the session holds as many unacknowledged messages as it
+    /// keeps (a long outage, or input piped faster than the server acknowledges), it
+    /// shows events until there is room again; input waits meanwhile.
+    fn post(&self, line: &str) -> Result<(), String> {
+        loop {
+            match self.chat.post(line) {
+                Ok(_) => return Ok(()),
+                Err(Error::OutboxFull(_)) => self.wait_for_room()?,
+                Err(e) => {
+                    say(&e.to_string());
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn wait_for_room(&self) -> Result<(), String> {
+        let room = self.chat.room_to_post();
+        let n = self.chat.state().pending_posts;
+        say(&format!("{n} messages are waiting for the server; reading more input when it takes some"));
+        loop {
+            select! {
+                recv(room) -> _ => return Ok(()),
+                recv(self.chat.events()) -> event => match event {
+                    Ok(event) => self.show(event)?,
+                    Err(_) => return Err("the chat session ended".into()),
+                },
+            }
+        }
     }
 
     fn history(&self, n: u32) {

@@ -30,7 +30,11 @@ fn client_binary() -> PathBuf {
 }
 
 fn server() -> ChatServer {
-    let config = ServerConfig { listen: "127.0.0.1:0".into(), ..Default::default() };
+    server_on("127.0.0.1:0")
+}
+
+fn server_on(listen: &str) -> ChatServer {
+    let config = ServerConfig { listen: listen.into(), ..Default::default() };
     ChatServer::start(config).expect("the server starts on loopback")
 }
 
@@ -290,4 +294,31 @@ fn a_closed_output_makes_the_client_leave_and_exit_quietly() {
     assert_eq!(status.expect("erin ran").code(), Some(0), "stderr: {stderr}");
     assert_eq!(stderr, "");
     drop(stdin);
+}
+
+#[test]
+fn input_waits_while_a_thousand_messages_wait_for_the_server() {
+    let first = server();
+    let addr = first.addr();
+    let mut erin = Console::start(&addr, &["erin", "backlog"]);
+    erin.expect_line("its welcome", |l| l == "* you joined backlog as erin; members: erin");
+    first.shutdown();
+    erin.expect_line("the lost connection", |l| l.contains("reconnecting in"));
+    // More lines than the client keeps unacknowledged (1000). The rest of them wait
+    // unread in the pipe; none is lost.
+    let lines: String = (1..=1050).map(|i| format!("line {i}\n")).collect();
+    erin.type_bytes(lines.as_bytes());
+    erin.expect_line("the pause", |l| l.starts_with("* 1000 messages are waiting for the server"));
+    let mut config = ServerConfig { listen: addr.clone(), ..Default::default() };
+    config.broker.rate_limit = None;
+    config.broker.history_limit = 2000;
+    let second = ChatServer::start(config).expect("the server restarts on the same address");
+    let (code, out, stderr) = erin.wait_exit();
+    assert_eq!((code, stderr.as_str()), (0, ""), "{out:#?}");
+    let client = grpc_chat::client::Client::connect(&addr, DEADLINE).unwrap();
+    let history: Vec<String> = client.history("backlog", 0, 0).unwrap().into_iter().map(|m| m.text).collect();
+    let want: Vec<String> = (1..=1050).map(|i| format!("line {i}")).collect();
+    assert_eq!(history.len(), want.len());
+    assert!(history == want, "every line once, in order");
+    drop(second);
 }

@@ -283,6 +283,39 @@ fn resume_after_a_server_restart_rejoins_and_reports_the_gap() {
     drop(second);
 }
 
+#[test]
+fn posts_beyond_the_outbox_limit_are_refused_until_the_server_takes_some() {
+    let first = server();
+    let addr = first.addr();
+    let client = connect(&addr);
+    let joined = client.join("alice", "general").unwrap();
+    let alice = client.chat(&joined, ChatConfig { max_pending_posts: 3, ..Default::default() });
+    welcome(&alice);
+    // With the server gone nothing is acknowledged: three posts wait, the fourth is refused.
+    first.shutdown();
+    wait_for(&alice, "the drop", |e| matches!(e, Event::Disconnected { .. }));
+    for i in 1..=3 {
+        alice.post(format!("queued {i}")).unwrap();
+    }
+    assert_eq!(alice.post("one too many"), Err(Error::OutboxFull(3)));
+    assert_eq!(alice.state().pending_posts, 3);
+    let room = alice.room_to_post();
+    let all_acked = alice.acked();
+    assert!(room.recv_timeout(Duration::from_millis(300)).is_err(), "no room while the server is away");
+
+    let second = server_on(&addr);
+    alice.retry_now();
+    assert_eq!(room.recv_timeout(DEADLINE), Ok(Ok(())), "room once the new server takes the posts");
+    alice.post("queued 4").unwrap();
+    assert_eq!(all_acked.recv_timeout(DEADLINE), Ok(Ok(())));
+    alice.wait_acked(DEADLINE).unwrap();
+    assert_eq!(alice.state().pending_posts, 0);
+    let history = client.history("general", 0, 0).unwrap();
+    assert_eq!(texts_of(&history), vec!["queued 1", "queued 2", "queued 3", "queued 4"]);
+    alice.leave().unwrap();
+    drop(second);
+}
+
 fn texts_of(messages: &[grpc_chat::client::Message]) -> Vec<&str> {
     messages.iter().map(|m| m.text.as_str()).collect()
 }

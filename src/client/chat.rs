@@ -27,13 +27,18 @@ pub struct ChatConfig {
     /// How many of the room's most recent messages to replay before live ones (default
     /// 20; 0 = live messages only).
     pub replay: u64,
+    /// How many posts may wait for the server's acknowledgement at once (default 1000,
+    /// at least 1). Beyond that [`ChatSession::post`] refuses with
+    /// [`Error::OutboxFull`], so a program that posts faster than the server acknowledges
+    /// — or during a long outage — holds a bounded amount of text.
+    pub max_pending_posts: usize,
     /// Reconnect and timeout policies.
     pub session: SessionConfig,
 }
 
 impl Default for ChatConfig {
     fn default() -> Self {
-        ChatConfig { replay: 20, session: SessionConfig::default() }
+        ChatConfig { replay: 20, max_pending_posts: 1000, session: SessionConfig::default() }
     }
 }
 
@@ -46,7 +51,7 @@ pub struct SessionState {
     pub last_seq: u64,
     /// The room epoch `last_seq` belongs to.
     pub epoch: u64,
-    /// Posts not yet acknowledged or rejected.
+    /// Posts not yet acknowledged or rejected (including those just made).
     pub pending_posts: usize,
     /// A stream is attached and caught up.
     pub live: bool,
@@ -60,8 +65,25 @@ enum DriverMsg {
     Post { client_msg_id: String, text: String },
     Leave(Sender<()>),
     Retry,
-    WaitAcked(Sender<Result<(), Error>>),
+    WaitAcked(AckWaiter),
     Stop,
+}
+
+/// Someone waiting for the pending posts to drop to `at_most`: those made before it asked
+/// (`acked`), or all of them, also those made since (`room_to_post`).
+struct AckWaiter {
+    at_most: usize,
+    newer_too: bool,
+    done: Sender<Result<(), Error>>,
+}
+
+/// The snapshot the driver publishes, and the posts handed to it but not yet taken in.
+#[derive(Debug, Default)]
+struct Shared {
+    state: SessionState,
+    /// Posts sent to the driver that it has not taken from its inbox yet; they count in
+    /// `state.pending_posts` already.
+    untaken: usize,
 }
 
 /// A joined chat session with its stream, running on background threads.
@@ -76,7 +98,8 @@ pub struct ChatSession {
     room: String,
     to_driver: Sender<DriverMsg>,
     events: Receiver<Event>,
-    shared: Arc<Mutex<SessionState>>,
+    shared: Arc<Mutex<Shared>>,
+    max_pending_posts: usize,
     id_prefix: String,
     next_id: AtomicU64,
     leave_wait: Duration,
@@ -87,7 +110,7 @@ impl std::fmt::Debug for ChatSession {
         f.debug_struct("ChatSession")
             .field("user", &self.user)
             .field("room", &self.room)
-            .field("state", &*self.shared.lock())
+            .field("state", &self.shared.lock().state)
             .finish()
     }
 }
@@ -100,7 +123,7 @@ impl ChatSession {
         let session = Session::new(config.session, joined, since, Instant::now());
         let (to_driver, inbox) = unbounded();
         let (events_tx, events) = unbounded();
-        let shared = Arc::new(Mutex::new(SessionState::default()));
+        let shared = Arc::new(Mutex::new(Shared::default()));
         let driver = Driver {
             client,
             session,
@@ -119,7 +142,7 @@ impl ChatSession {
         if let Err(e) = spawned {
             // Without its thread the session cannot run: report it closed.
             let _ = e;
-            shared.lock().closed = true;
+            shared.lock().state.closed = true;
         }
         ChatSession {
             user: joined.user.clone(),
@@ -127,6 +150,7 @@ impl ChatSession {
             to_driver,
             events,
             shared,
+            max_pending_posts: config.max_pending_posts.max(1),
             id_prefix: id_prefix(),
             next_id: AtomicU64::new(1),
             leave_wait,
@@ -145,7 +169,7 @@ impl ChatSession {
 
     /// What the session knows right now.
     pub fn state(&self) -> SessionState {
-        self.shared.lock().clone()
+        self.shared.lock().state.clone()
     }
 
     /// The events, in order. The channel disconnects after [`Event::Closed`].
@@ -161,15 +185,23 @@ impl ChatSession {
     /// Posts `text` and returns its `client_msg_id`, without waiting: the post is sent
     /// as soon as the stream is live and re-sent after a resume until the server echoes
     /// it (an [`Event::Message`] with the same id) or rejects it
-    /// ([`Event::PostRejected`]). Fails with [`Error::Closed`] once the session is over.
+    /// ([`Event::PostRejected`]). Fails with [`Error::Closed`] once the session is over,
+    /// and with [`Error::OutboxFull`] while [`ChatConfig::max_pending_posts`] posts are
+    /// pending ([`ChatSession::room_to_post`] says when that is over).
     pub fn post(&self, text: impl Into<String>) -> Result<String, Error> {
-        if self.shared.lock().closed {
+        let mut shared = self.shared.lock();
+        if shared.state.closed {
             return Err(Error::Closed);
+        }
+        if shared.state.pending_posts >= self.max_pending_posts {
+            return Err(Error::OutboxFull(shared.state.pending_posts));
         }
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let client_msg_id = format!("{}-{n}", self.id_prefix);
         let msg = DriverMsg::Post { client_msg_id: client_msg_id.clone(), text: text.into() };
         self.to_driver.send(msg).map_err(|_| Error::Closed)?;
+        shared.untaken += 1;
+        shared.state.pending_posts += 1;
         Ok(client_msg_id)
     }
 
@@ -181,10 +213,22 @@ impl ChatSession {
     /// A channel that receives one value once every post made so far is acknowledged or
     /// rejected (`Ok`), or the session closes first (`Err`).
     pub fn acked(&self) -> Receiver<Result<(), Error>> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        if let Err(e) = self.to_driver.send(DriverMsg::WaitAcked(tx)) {
-            if let DriverMsg::WaitAcked(tx) = e.into_inner() {
-                let _ = tx.send(Err(Error::Closed));
+        self.pending_at_most(0, false)
+    }
+
+    /// A channel that receives one value once [`ChatSession::post`] would take another
+    /// post, that is fewer than [`ChatConfig::max_pending_posts`] are pending (`Ok`), or
+    /// the session closes first (`Err`).
+    pub fn room_to_post(&self) -> Receiver<Result<(), Error>> {
+        self.pending_at_most(self.max_pending_posts - 1, true)
+    }
+
+    fn pending_at_most(&self, at_most: usize, newer_too: bool) -> Receiver<Result<(), Error>> {
+        let (done, rx) = crossbeam_channel::bounded(1);
+        let waiter = AckWaiter { at_most, newer_too, done };
+        if let Err(e) = self.to_driver.send(DriverMsg::WaitAcked(waiter)) {
+            if let DriverMsg::WaitAcked(waiter) = e.into_inner() {
+                let _ = waiter.done.send(Err(Error::Closed));
             }
         }
         rx
@@ -195,7 +239,7 @@ impl ChatSession {
         match self.acked().recv_timeout(timeout) {
             Ok(result) => result,
             Err(RecvTimeoutError::Timeout) => {
-                let n = self.shared.lock().pending_posts;
+                let n = self.shared.lock().state.pending_posts;
                 Err(Error::TimedOut(format!("the server to acknowledge {n} message(s)")))
             }
             Err(RecvTimeoutError::Disconnected) => Err(Error::Closed),
@@ -249,8 +293,8 @@ struct Driver {
     streams: HashMap<StreamId, StreamHandle>,
     inbox_tx: Sender<DriverMsg>,
     events: Sender<Event>,
-    shared: Arc<Mutex<SessionState>>,
-    ack_waiters: Vec<Sender<Result<(), Error>>>,
+    shared: Arc<Mutex<Shared>>,
+    ack_waiters: Vec<AckWaiter>,
     leave_waiters: Vec<Sender<()>>,
     rejoin_timeout: Duration,
 }
@@ -286,6 +330,11 @@ impl Driver {
                     if self.session.post(now, client_msg_id, text).is_err() {
                         // Closed meanwhile; the application learns it from Event::Closed.
                     }
+                    // The post moves from the inbox to the session in one step, so the
+                    // count `post` checks never drops below what is really pending.
+                    let mut shared = self.shared.lock();
+                    shared.untaken -= 1;
+                    shared.state.pending_posts = self.session.pending_posts() + shared.untaken;
                 }
                 Ok(DriverMsg::Leave(done)) => {
                     self.leave_waiters.push(done);
@@ -294,7 +343,7 @@ impl Driver {
                 Ok(DriverMsg::Retry) => {
                     self.session.retry_now(now);
                 }
-                Ok(DriverMsg::WaitAcked(tx)) => self.ack_waiters.push(tx),
+                Ok(DriverMsg::WaitAcked(waiter)) => self.ack_waiters.push(waiter),
             }
         }
         // Over (or abandoned): cancel the streams and answer everyone still waiting.
@@ -304,12 +353,12 @@ impl Driver {
             _ => Error::Closed,
         };
         for w in self.ack_waiters.drain(..) {
-            let _ = w.send(Err(error.clone()));
+            let _ = w.done.send(Err(error.clone()));
         }
         for w in self.leave_waiters.drain(..) {
             let _ = w.send(());
         }
-        self.shared.lock().closed = true;
+        self.shared.lock().state.closed = true;
     }
 
     /// Performs every queued action, feeding back failures that happen on the way.
@@ -387,20 +436,29 @@ impl Driver {
 
     /// Updates the shared snapshot and answers acknowledgement waiters.
     fn publish(&mut self) {
+        // The posts made before a waiter asked are all taken in by now: they came through
+        // the same inbox, earlier.
         let pending = self.session.pending_posts();
-        {
-            let mut s = self.shared.lock();
+        let untaken = {
+            let mut shared = self.shared.lock();
+            let untaken = shared.untaken;
+            let s = &mut shared.state;
             s.session = self.session.token().to_string();
             s.last_seq = self.session.last_seq();
             s.epoch = self.session.epoch();
-            s.pending_posts = pending;
+            s.pending_posts = pending + untaken;
             s.live = self.session.is_live();
             s.closed = self.session.closed().is_some();
-        }
-        if pending == 0 && self.session.closed().is_none_or(|e| e.is_none()) {
-            for w in self.ack_waiters.drain(..) {
-                let _ = w.send(Ok(()));
-            }
+            untaken
+        };
+        if self.session.closed().is_none_or(|e| e.is_none()) {
+            self.ack_waiters.retain(|w| {
+                let done = pending + if w.newer_too { untaken } else { 0 } <= w.at_most;
+                if done {
+                    let _ = w.done.send(Ok(()));
+                }
+                !done
+            });
         }
     }
 }

@@ -179,6 +179,9 @@ pub enum Error {
     TimedOut(String),
     /// The chat session is closed (after a leave or a fatal error).
     Closed,
+    /// This many posts already wait for the server's acknowledgement, the most the
+    /// session keeps ([`crate::client::ChatConfig::max_pending_posts`]).
+    OutboxFull(usize),
     /// Any other failure reported by the server.
     Server(Status),
 }
@@ -202,6 +205,9 @@ impl fmt::Display for Error {
             Error::ShuttingDown => f.write_str("the server is shutting down"),
             Error::TimedOut(what) => write!(f, "timed out waiting for {what}"),
             Error::Closed => f.write_str("the chat session is closed"),
+            Error::OutboxFull(n) => {
+                write!(f, "{n} messages are still waiting for the server; wait for them before sending more")
+            }
             Error::Server(status) => write!(f, "the server reported an error: {status}"),
         }
     }
