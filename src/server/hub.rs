@@ -71,6 +71,18 @@ impl StreamShared {
     fn needs_wake(&self) -> bool {
         self.idle.load(Ordering::SeqCst) && self.idle.swap(false, Ordering::SeqCst)
     }
+
+    /// Unparks the thread if it is idle (and nobody else did since it said so).
+    pub fn wake(&self) {
+        if self.needs_wake() {
+            self.thread.unpark();
+        }
+    }
+
+    /// The stream's thread.
+    pub fn thread(&self) -> &Thread {
+        &self.thread
+    }
 }
 
 struct State {

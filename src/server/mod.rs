@@ -10,6 +10,7 @@
 
 pub mod encode;
 pub mod hub;
+pub mod pacer;
 pub mod service;
 pub mod stream;
 
@@ -57,7 +58,7 @@ pub struct ServerConfig {
     pub cq_count: usize,
     /// Ceiling on writes per second over all streams (0 = unpaced). A busy stream writes
     /// about once per `open streams / writes_per_second`, on shared ticks, batching what
-    /// queued meanwhile; an idle stream writes at once. See `stream::Pacing`.
+    /// queued meanwhile; an idle stream writes at once. See `pacer::Pacing`.
     pub writes_per_second: u32,
     /// Longest pacing interval, whatever the number of streams.
     pub max_write_interval: Duration,
@@ -113,11 +114,8 @@ impl ChatServer {
         let broker = Broker::new(config.broker.clone(), u64::from_le_bytes(seed));
         let hub = Hub::start(broker, config.queue_capacity)?;
         let limit = StreamLimit::new(config.max_streams);
-        let pacing = Arc::new(stream::Pacing::new(
-            Arc::clone(&limit),
-            config.writes_per_second,
-            config.max_write_interval,
-        ));
+        let pacing =
+            pacer::Pacing::start(Arc::clone(&limit), config.writes_per_second, config.max_write_interval)?;
         let service =
             ChatService::new(Arc::clone(&hub), Arc::clone(&limit), pacing, config.stream_stack_size).build();
         let health = HealthService::default();

@@ -18,7 +18,8 @@ use parking_lot::Mutex;
 
 use super::encode::{self, deserialize_encoded, serialize_encoded, Encoded};
 use super::hub::{self, Hub};
-use super::stream::{self, Pacing};
+use super::pacer::Pacing;
+use super::stream;
 use crate::core::{Accepted, Input, Seq};
 use crate::pb;
 
