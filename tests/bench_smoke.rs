@@ -58,6 +58,10 @@ fn fanout_delivers_everything_in_order() {
     assert_eq!(one(&json, "deliveries"), 250);
     assert_eq!(one(&json, "received"), 250);
     assert_eq!(one(&json, "rejected_posts"), 0);
+    // The child server's CPU and the bench's own are reported apart.
+    let cpu = &json[json.find("\"cpu_cores\": {").expect("a cpu_cores object")..];
+    let cpu = &cpu[..cpu.find('}').unwrap()];
+    assert!(cpu.contains("\"server\": ") && cpu.contains("\"load_generator\": "), "{cpu}");
 }
 
 #[test]

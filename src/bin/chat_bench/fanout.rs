@@ -17,7 +17,7 @@ use grpcio::{ClientDuplexSender, WriteFlags};
 use crate::hist::{now_ns, take_all, Summary};
 use crate::report::{latency, Obj, Progress, Val};
 use crate::swarm::{self, MemberSpec, Swarm};
-use crate::target::{Needs, Target};
+use crate::target::{cpu_secs, Needs, Target};
 use crate::wire::{code_name, error_code, post, stamped_text};
 use crate::{connect, run_id, Global, Outcome, PublishVia};
 
@@ -224,6 +224,39 @@ struct Phase {
     duplicates: u64,
     reordered: u64,
     grpc_messages: u64,
+    cpu: Cpu,
+}
+
+/// The CPU the server and the load generator used during a phase, in cores (CPU seconds
+/// per second of the phase), read from `/proc`. `server` is `None` when its process
+/// cannot be observed (an external server without `--server-pid`); with an in-process
+/// server, `bench` covers both and `server` is `None`.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cpu {
+    server: Option<f64>,
+    bench: Option<f64>,
+}
+
+/// CPU seconds of the server (if observable apart from the bench) and of the bench.
+#[derive(Clone, Copy)]
+struct CpuMark {
+    at: Instant,
+    server: Option<f64>,
+    bench: Option<f64>,
+}
+
+impl CpuMark {
+    fn now(server_pid: Option<u32>) -> CpuMark {
+        let me = std::process::id();
+        let server_pid = server_pid.filter(|&pid| pid != me);
+        CpuMark { at: Instant::now(), server: server_pid.and_then(cpu_secs), bench: cpu_secs(me) }
+    }
+
+    fn cores_since(&self, start: &CpuMark) -> Cpu {
+        let secs = (self.at - start.at).as_secs_f64().max(1e-3);
+        let cores = |a: Option<f64>, b: Option<f64>| Some(((a? - b?) / secs * 100.0).round() / 100.0);
+        Cpu { server: cores(self.server, start.server), bench: cores(self.bench, start.bench) }
+    }
 }
 
 impl Phase {
@@ -256,6 +289,14 @@ impl Phase {
             o.push("publish_error_codes", c);
         }
         o.push("latency", latency(&self.latency));
+        let mut cpu = Obj::new();
+        if let Some(c) = self.cpu.server {
+            cpu.push("server", c);
+        }
+        if let Some(c) = self.cpu.bench {
+            cpu.push(if self.cpu.server.is_some() { "load_generator" } else { "bench_process" }, c);
+        }
+        o.push("cpu_cores", cpu);
         o
     }
 }
@@ -268,6 +309,7 @@ struct Run<'a> {
     welcomed_per_room: Vec<u64>,
     ok_per_room: Vec<u64>,
     sent: Arc<AtomicU64>,
+    server_pid: Option<u32>,
 }
 
 impl Run<'_> {
@@ -292,6 +334,7 @@ impl Run<'_> {
             sh.grpc_messages.load(Ordering::Relaxed),
         );
         take_all();
+        let cpu_start = CpuMark::now(self.server_pid);
         let cfg = PhaseCfg {
             rate,
             count,
@@ -348,6 +391,7 @@ impl Run<'_> {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        let cpu = CpuMark::now(self.server_pid).cores_since(&cpu_start);
         let expected = self.expected() - before.1;
         let delivered = sh.delivered.load(Ordering::Relaxed) - before.0;
         let secs = |ns: u64| ns.saturating_sub(cfg.t0) as f64 / 1e9;
@@ -365,6 +409,7 @@ impl Run<'_> {
             duplicates: sh.duplicates.load(Ordering::Relaxed) - before.3,
             reordered: sh.reordered.load(Ordering::Relaxed) - before.4,
             grpc_messages: sh.grpc_messages.load(Ordering::Relaxed) - before.5,
+            cpu,
         }
     }
 }
@@ -459,6 +504,7 @@ pub fn run(a: &FanoutArgs, g: &Global, target: &Target) -> Outcome {
         welcomed_per_room,
         ok_per_room: vec![0; a.rooms],
         sent,
+        server_pid: target.pid(),
     };
     let drain = Duration::from_secs_f64(a.drain_secs.max(0.1));
     let mut phases = Vec::new();

@@ -43,6 +43,23 @@ pub struct ProcStat {
     pub threads: u64,
 }
 
+/// The kernel's `USER_HZ`, the unit of the CPU times in `/proc/<pid>/stat`: 100 on every
+/// Linux architecture this runs on (it is part of the kernel's ABI, not its `HZ`).
+const USER_HZ: f64 = 100.0;
+
+/// CPU time a process has used so far (user + system, all its threads), from
+/// `/proc/<pid>/stat`; `None` when unreadable. Accurate to 10 ms.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from its end.
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    // After the name: state is field 3, utime field 14, stime field 15.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / USER_HZ)
+}
+
 impl ProcStat {
     /// Reads `/proc/<pid>/status` (`None` when unreadable, e.g. not Linux).
     pub fn read(pid: u32) -> Option<ProcStat> {
@@ -225,5 +242,29 @@ impl Target {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_counts_what_this_process_spends() {
+        let me = std::process::id();
+        let before = cpu_secs(me).expect("/proc/self/stat is readable");
+        let start = Instant::now();
+        // Spin for 300 ms of wall time on this thread.
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        let spent = cpu_secs(me).unwrap() - before;
+        let wall = start.elapsed().as_secs_f64();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        // The spinning thread may be preempted, never more than all CPUs for the wall time.
+        assert!(spent >= 0.05, "spinning 300 ms counted only {spent} s");
+        assert!(spent <= wall * cpus + 0.02, "{spent} s of CPU in {wall} s on {cpus} CPUs");
+        assert_eq!(cpu_secs(u32::MAX), None, "no such process");
     }
 }
