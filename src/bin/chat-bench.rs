@@ -52,7 +52,7 @@ pub struct Global {
     /// this project's chat-server (rate limit off) as a child process.
     #[arg(long, global = true)]
     pub server: Option<String>,
-    /// Pid of the external server, to report its memory and threads.
+    /// Pid of the external server, to report its memory, threads and CPU.
     #[arg(long, global = true)]
     pub server_pid: Option<u32>,
     /// Run this project's server inside the bench process instead of as a child

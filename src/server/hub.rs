@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -25,11 +25,31 @@ pub const MAX_BATCH_BYTES: usize = 64 << 10;
 pub enum Queued {
     /// An event encoded once, shared with its other recipients.
     Event(Encoded),
-    /// Retained messages to replay, encoded by the stream's own thread a batch at a time
+    /// Retained messages to replay, encoded by whichever thread writes, a batch at a time
     /// as it writes: a stream that does not read holds references to the room's history,
     /// not a copy of it (which, for 1000 such streams joining a room with 500 messages of
     /// 4 KB, came to 1.9 GB).
     Backlog(Vec<Arc<Message>>),
+}
+
+/// The write side of a paced stream, as the router sees it: when an idle stream's queue
+/// gets an item, its write starts on the thread that queued it, or, if that thread must
+/// not write (a gRPC handler on a completion-queue thread), on the pacer's.
+pub trait IdleWriter: Send + Sync {
+    /// Writes what is queued, on the calling thread.
+    fn write_now(self: Arc<Self>);
+    /// Has the pacer thread write what is queued, as soon as it gets to it.
+    fn write_soon(self: Arc<Self>);
+}
+
+/// Where an input comes from, which decides who starts idle streams' writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// One of this server's threads (a stream's, the timer's, the pacer's) or an
+    /// embedding program's: it writes to idle streams itself, after the lock.
+    Own,
+    /// A gRPC handler, which must return at once: the pacer writes.
+    Handler,
 }
 
 /// What a stream's thread shares with the router.
@@ -40,8 +60,11 @@ pub struct StreamShared {
     /// Set by the router when the core closes the stream.
     close: Mutex<Option<Close>>,
     thread: Thread,
-    /// The thread is parked waiting for queue items or a close (not for a write).
+    /// Nobody is writing for the stream: the next item queued must start a write.
     idle: AtomicBool,
+    /// How to start that write. Unset (unpaced streams), the stream's thread is unparked
+    /// and writes itself.
+    writer: OnceLock<std::sync::Weak<dyn IdleWriter>>,
     /// A delivery did not fit: drop everything after it.
     lagged: AtomicBool,
 }
@@ -62,20 +85,38 @@ impl StreamShared {
         self.close.lock().is_some()
     }
 
-    /// Marks the thread idle (about to park for queue items) or busy.
+    /// Marks the stream idle (nobody writes for it; the next item queued starts a write)
+    /// or busy.
     pub fn set_idle(&self, idle: bool) {
         self.idle.store(idle, Ordering::SeqCst);
     }
 
-    /// True (once) if the thread parked waiting for queue items and must be unparked.
-    fn needs_wake(&self) -> bool {
+    /// Sets the stream's write side (once, before the stream is first marked idle).
+    pub fn set_writer(&self, writer: std::sync::Weak<dyn IdleWriter>) {
+        if self.writer.set(writer).is_err() {
+            debug_assert!(false, "a stream's writer is set once");
+        }
+    }
+
+    /// True (once) if the stream was idle and its write must be started.
+    pub fn needs_wake(&self) -> bool {
         self.idle.load(Ordering::SeqCst) && self.idle.swap(false, Ordering::SeqCst)
     }
 
-    /// Unparks the thread if it is idle (and nobody else did since it said so).
+    /// Starts the stream's write on this thread if it is idle (and nobody else did
+    /// since it became so).
     pub fn wake(&self) {
         if self.needs_wake() {
-            self.thread.unpark();
+            self.start_write(Caller::Own);
+        }
+    }
+
+    /// Starts the stream's write: on this thread, by the pacer, or by its own thread.
+    fn start_write(&self, caller: Caller) {
+        match (self.writer.get().and_then(std::sync::Weak::upgrade), caller) {
+            (Some(writer), Caller::Own) => writer.write_now(),
+            (Some(writer), Caller::Handler) => writer.write_soon(),
+            (None, _) => self.thread.unpark(),
         }
     }
 
@@ -102,9 +143,9 @@ pub struct Hub {
     timer_kick: Sender<()>,
 }
 
-/// Threads to unpark once the lock is released (unparking is a system call; it is
-/// kept out of the critical section).
-pub type Wakes = Vec<Thread>;
+/// Idle streams whose writes start once the lock is released (writing, and waking a
+/// thread, are system calls; they are kept out of the critical section).
+pub type Wakes = Vec<Arc<StreamShared>>;
 
 impl Hub {
     /// A hub around `broker`, with its timer thread started.
@@ -124,9 +165,14 @@ impl Hub {
         Ok(hub)
     }
 
-    /// Feeds one input, routes every output in order, and returns the result. Threads
-    /// that must wake are woken after the lock is released.
+    /// Feeds one input, routes every output in order, and returns the result. Idle
+    /// streams that got events are written after the lock is released, on this thread.
     pub fn input(&self, input: Input) -> Result<Accepted, Rejection> {
+        self.input_from(Caller::Own, input)
+    }
+
+    /// [`Hub::input`] for `caller`: a gRPC handler leaves idle streams' writes to the pacer.
+    pub fn input_from(&self, caller: Caller, input: Input) -> Result<Accepted, Rejection> {
         let mut wakes = Vec::new();
         let result = {
             let mut state = self.state.lock();
@@ -134,7 +180,7 @@ impl Hub {
             self.route(&mut state, &mut wakes);
             result
         };
-        wakes.iter().for_each(Thread::unpark);
+        wakes.iter().for_each(|s| s.start_write(caller));
         result
     }
 
@@ -154,6 +200,7 @@ impl Hub {
             close: Mutex::new(None),
             thread: thread::current(),
             idle: AtomicBool::new(false),
+            writer: OnceLock::new(),
             lagged: AtomicBool::new(false),
         });
         state.routes.insert(conn, Arc::clone(&shared));
@@ -172,7 +219,7 @@ impl Hub {
             debug!("stream {conn} ended: {result:?}");
             self.route(&mut state, &mut wakes);
         }
-        wakes.iter().for_each(Thread::unpark);
+        wakes.iter().for_each(|s| s.start_write(Caller::Own));
     }
 
     /// Starts a shutdown: closed streams will linger until `until` (see [`Hub::linger_until`]).
@@ -224,7 +271,7 @@ impl Hub {
                             }
                             route.queue.send(item.clone()).expect("the stream thread owns the receiver");
                             if route.needs_wake() {
-                                wakes.push(route.thread.clone());
+                                wakes.push(Arc::clone(route));
                             }
                         }
                     }
@@ -266,7 +313,7 @@ impl Hub {
             state.timer_deadline = state.broker.poll_timeout();
             state.timer_deadline
         };
-        wakes.iter().for_each(Thread::unpark);
+        wakes.iter().for_each(|s| s.start_write(Caller::Own));
         next
     }
 }

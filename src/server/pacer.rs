@@ -1,13 +1,14 @@
 //! Paced writes. A stream that has just written is handed to the pacer thread, which
 //! writes for it on its tick group's next tick everything that queued meanwhile, as one
-//! batch, and hands the stream back to its own thread once a tick finds nothing to send.
+//! batch, and lets go of it (idle again) once a tick finds nothing to send.
 //!
 //! Each gRPC write costs a C-core operation and a `sendmsg`; when every busy stream's
 //! thread woke up to make its own write, the wake-up cost as much again. One thread
 //! that walks a tick group's streams makes those writes without a wake-up each: measured
 //! on 2 cores at 500 k deliveries/s this took the server from about 1.0 to 0.7 cores and
-//! kept the latency steady at twice the write rate (see BENCHMARKS.md). Stream threads
-//! still read their clients' frames, write at once when idle, and end their streams.
+//! kept the latency steady at twice the write rate (see BENCHMARKS.md). An idle
+//! stream's first write is made at once by the thread that queued its event, or, when
+//! that is a gRPC handler, by the pacer as soon as it gets to it (`ready`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -35,11 +36,15 @@ const MIN_STEP: Duration = Duration::from_micros(250);
 
 /// A stream the pacer writes for.
 pub(super) trait Paced: Send + Sync {
-    /// Called on the stream's ticks: writes what is queued if the previous write is done.
-    /// Returns false when the pacer should let go of the stream (nothing was left to
-    /// send, the call broke, or the stream's thread took its writes back).
+    /// Called on the stream's ticks (and once when it is made ready): writes what is
+    /// queued if the previous write is done. Returns false when the pacer should let go
+    /// of the stream (nothing was left to send, the call broke, or the stream's thread
+    /// took its writes back).
     fn tick(&self) -> bool;
 }
+
+/// A stream handed to the pacer, with the id that picks its tick group.
+type Entry = (ConnId, Arc<dyn Paced>);
 
 /// The write budget and the pacer's groups. `interval()` grows with the number of open
 /// streams so that all of them together stay near `writes_per_second`.
@@ -49,10 +54,14 @@ pub struct Pacing {
     max: Duration,
     /// Where the tick grid starts.
     epoch: Instant,
-    groups: Vec<Mutex<Vec<Arc<dyn Paced>>>>,
-    /// The pacer thread, and whether it sleeps for want of open streams (then a stream
-    /// handed to it wakes it: its first tick must not wait for the end of that sleep).
+    groups: Vec<Mutex<Vec<Entry>>>,
+    /// Idle streams to write as soon as the pacer gets to them (see [`Pacing::ready`]).
+    ready: Mutex<Vec<Entry>>,
+    /// The pacer thread; whether it sleeps (then a stream made ready wakes it); and
+    /// whether it sleeps for want of open streams (then a stream added wakes it too: its
+    /// first tick must not wait for the end of that sleep).
     thread: OnceLock<Thread>,
+    sleeping: AtomicBool,
     dormant: AtomicBool,
 }
 
@@ -74,7 +83,9 @@ impl Pacing {
             max,
             epoch: Instant::now(),
             groups,
+            ready: Mutex::new(Vec::new()),
             thread: OnceLock::new(),
+            sleeping: AtomicBool::new(false),
             dormant: AtomicBool::new(false),
         });
         if pacing.enabled() {
@@ -99,12 +110,38 @@ impl Pacing {
         self.per_stream.saturating_mul(open).min(self.max)
     }
 
-    /// Hands stream `conn` to the pacer until its `tick` returns false.
+    /// Hands stream `conn`, which has just written, to the pacer: it writes for it on its
+    /// group's ticks until its `tick` returns false.
     pub(super) fn add(&self, conn: ConnId, stream: Arc<dyn Paced>) {
-        self.groups[group_of(conn)].lock().push(stream);
+        self.groups[group_of(conn)].lock().push((conn, stream));
         if self.dormant.swap(false, Ordering::SeqCst) {
-            if let Some(thread) = self.thread.get() {
-                thread.unpark();
+            self.unpark();
+        }
+    }
+
+    /// Hands idle stream `conn`, whose queue got an item, to the pacer: it is written as
+    /// soon as the pacer gets to it, then on its group's ticks. For the threads that must
+    /// not write themselves: gRPC's completion-queue threads, which run the unary
+    /// handlers and must return at once.
+    pub(super) fn ready(&self, conn: ConnId, stream: Arc<dyn Paced>) {
+        self.ready.lock().push((conn, stream));
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            self.unpark();
+        }
+    }
+
+    fn unpark(&self) {
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+    }
+
+    /// Writes the streams made ready and puts the ones still busy in their groups.
+    fn serve_ready(&self) {
+        let ready = std::mem::take(&mut *self.ready.lock());
+        for (conn, stream) in ready {
+            if stream.tick() {
+                self.groups[group_of(conn)].lock().push((conn, stream));
             }
         }
     }
@@ -113,8 +150,14 @@ impl Pacing {
     fn serve(&self, group: usize) {
         // Streams added meanwhile go into the emptied list and are kept.
         let members = std::mem::take(&mut *self.groups[group].lock());
-        let kept: Vec<_> = members.into_iter().filter(|m| m.tick()).collect();
+        let kept: Vec<_> = members.into_iter().filter(|(_, m)| m.tick()).collect();
         self.groups[group].lock().extend(kept);
+    }
+
+    /// Says the pacer is about to sleep; false if a stream made ready waits for it.
+    fn may_sleep(&self) -> bool {
+        self.sleeping.store(true, Ordering::SeqCst);
+        self.ready.lock().is_empty()
     }
 }
 
@@ -122,31 +165,39 @@ fn group_of(conn: ConnId) -> usize {
     (conn.get() % u64::from(TICK_GROUPS)) as usize
 }
 
-/// The pacer thread: serves the groups' ticks in turn until the `Pacing` is dropped.
+/// The pacer thread: writes the streams made ready, and serves the groups' ticks in
+/// turn, until the `Pacing` is dropped.
 fn run(pacing: Weak<Pacing>) {
     let mut last: Option<Instant> = None;
     loop {
         let Some(p) = pacing.upgrade() else { return };
+        p.sleeping.store(false, Ordering::SeqCst);
+        p.dormant.store(false, Ordering::SeqCst);
+        p.serve_ready();
         let now = Instant::now();
-        match next_tick(p.epoch, last, now, p.interval()) {
+        let sleep = match next_tick(p.epoch, last, now, p.interval()) {
             Some(Tick { at, groups }) if at <= now => {
                 groups.for_each(|group| p.serve(group));
                 last = Some(at);
+                continue;
             }
-            Some(Tick { at, .. }) => {
-                drop(p);
-                thread::sleep((at - now).min(MAX_SLEEP));
-            }
+            Some(Tick { at, .. }) => (at - now).min(MAX_SLEEP),
             None => {
                 p.dormant.store(true, Ordering::SeqCst);
-                // A stream added just before that saw the pacer awake: look again.
-                let woken = !p.interval().is_zero();
-                drop(p);
                 last = None;
-                if !woken {
-                    thread::park_timeout(MAX_SLEEP);
+                // A stream added just before that saw the pacer awake: look again.
+                if !p.interval().is_zero() {
+                    continue;
                 }
+                MAX_SLEEP
             }
+        };
+        // From here on, a stream made ready or added unparks the thread (before or
+        // during the sleep; an unpark before it makes it return at once).
+        let may_sleep = p.may_sleep();
+        drop(p);
+        if may_sleep {
+            thread::park_timeout(sleep);
         }
     }
 }
@@ -189,8 +240,47 @@ fn next_tick(epoch: Instant, last: Option<Instant>, now: Instant, interval: Dura
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU32;
 
     const MS: Duration = Duration::from_millis(1);
+
+    /// A stream that stays busy for `busy_for` ticks and reports each tick.
+    struct Fake {
+        ticks: AtomicU32,
+        busy_for: u32,
+        seen: crossbeam_channel::Sender<u32>,
+    }
+
+    impl Paced for Fake {
+        fn tick(&self) -> bool {
+            let n = self.ticks.fetch_add(1, Ordering::SeqCst) + 1;
+            let _ = self.seen.send(n);
+            n < self.busy_for
+        }
+    }
+
+    #[test]
+    fn a_ready_stream_is_written_then_ticked_until_it_has_nothing_to_send() {
+        let streams = StreamLimit::new(10);
+        let _open = streams.acquire().expect("room for a stream");
+        let pacing = Pacing::start(streams, 1000, 50 * MS).expect("the pacer thread starts");
+        let wait = Duration::from_secs(10);
+        for conn in [1, 2, 7] {
+            let (seen, ticks) = crossbeam_channel::unbounded();
+            let fake = Arc::new(Fake { ticks: AtomicU32::new(0), busy_for: 3, seen });
+            pacing.ready(ConnId(conn), Arc::clone(&fake) as Arc<dyn Paced>);
+            for expected in 1..=3 {
+                assert_eq!(ticks.recv_timeout(wait), Ok(expected), "stream {conn}");
+            }
+            // Let go after the tick that found it idle: no fourth tick in several intervals.
+            assert!(ticks.recv_timeout(20 * MS).is_err(), "stream {conn} ticked after it was let go");
+        }
+        let (seen, ticks) = crossbeam_channel::unbounded();
+        let added = Arc::new(Fake { ticks: AtomicU32::new(1), busy_for: 3, seen });
+        pacing.add(ConnId(9), added as Arc<dyn Paced>);
+        assert_eq!(ticks.recv_timeout(wait), Ok(2), "an added stream is ticked on its group's ticks");
+        assert_eq!(ticks.recv_timeout(wait), Ok(3));
+    }
 
     #[test]
     fn ticks_are_a_sixteenth_of_an_interval_apart_and_walk_through_the_groups() {

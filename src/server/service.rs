@@ -17,7 +17,7 @@ use log::{error, info, warn};
 use parking_lot::Mutex;
 
 use super::encode::{self, deserialize_encoded, serialize_encoded, Encoded};
-use super::hub::{self, Hub};
+use super::hub::{self, Caller, Hub};
 use super::pacer::Pacing;
 use super::stream;
 use crate::core::{Accepted, Input, Seq};
@@ -67,7 +67,7 @@ impl StreamLimit {
         self.open.load(Ordering::SeqCst)
     }
 
-    fn acquire(self: &Arc<Self>) -> Option<Permit> {
+    pub(super) fn acquire(self: &Arc<Self>) -> Option<Permit> {
         let before = self.open.fetch_add(1, Ordering::SeqCst);
         if before >= self.max {
             self.open.fetch_sub(1, Ordering::SeqCst);
@@ -78,7 +78,7 @@ impl StreamLimit {
 }
 
 /// One open stream; released when dropped.
-struct Permit(Arc<StreamLimit>);
+pub(super) struct Permit(Arc<StreamLimit>);
 
 impl Drop for Permit {
     fn drop(&mut self) {
@@ -132,8 +132,10 @@ impl ChatService {
 
     fn join(&self, ctx: RpcContext, req: pb::JoinRequest, sink: UnarySink<pb::JoinReply>) {
         let (user, room) = (req.user.clone(), req.room.clone());
-        let result =
-            self.hub.input(Input::Join { user: req.user, room: req.room, token: stream::new_token() });
+        let result = self.hub.input_from(
+            Caller::Handler,
+            Input::Join { user: req.user, room: req.room, token: stream::new_token() },
+        );
         let reply = match result {
             Ok(Accepted::Joined(info)) => {
                 info!("{user} joined #{room} (session {:?})", info.token);
@@ -197,12 +199,15 @@ impl ChatService {
     }
 
     fn send(&self, ctx: RpcContext, req: pb::SendRequest, sink: UnarySink<pb::SendReply>) {
-        let result = self.hub.input(Input::Send {
-            session: req.session,
-            text: req.text,
-            client_msg_id: req.client_msg_id,
-            sent_at_ms: hub::wall_clock_ms(),
-        });
+        let result = self.hub.input_from(
+            Caller::Handler,
+            Input::Send {
+                session: req.session,
+                text: req.text,
+                client_msg_id: req.client_msg_id,
+                sent_at_ms: hub::wall_clock_ms(),
+            },
+        );
         hub::log_result("send", &result);
         let reply = match result {
             Ok(Accepted::Posted(p)) => Ok(pb::SendReply { seq: p.seq.get(), duplicate: p.duplicate }),
@@ -213,7 +218,7 @@ impl ChatService {
     }
 
     fn leave(&self, ctx: RpcContext, req: pb::LeaveRequest, sink: UnarySink<pb::LeaveReply>) {
-        let result = self.hub.input(Input::Leave { session: req.session });
+        let result = self.hub.input_from(Caller::Handler, Input::Leave { session: req.session });
         hub::log_result("leave", &result);
         reply_unary(&ctx, sink, result.map(|_| pb::LeaveReply {}).map_err(|r| encode::rpc_status(&r)));
     }

@@ -1,8 +1,11 @@
-//! One thread per stream: it reads the client's frames, hands them to the hub, and
-//! writes what the hub queued for it while the stream is idle — everything queued since
-//! the last write goes out as one `EventBatch`. A stream that has just written is handed
-//! to the pacer (`pacer.rs`), which makes its next writes on shared ticks without waking
-//! its thread, and hands it back once a tick finds nothing to send.
+//! One thread per stream: it reads the client's frames, hands them to the hub, and ends
+//! the stream. Its writes — everything queued since the last write as one
+//! `EventBatch` — are made by others. When an idle stream's queue gets an item, the
+//! thread that queued it writes it at once, after the hub's lock (a gRPC handler leaves
+//! that to the pacer); from then on the pacer (`pacer.rs`) writes for the stream on
+//! shared ticks until a tick finds nothing to send. Nobody wakes the stream's thread for
+//! a write. A stream being closed takes its writes back to send what is left before its
+//! status; with pacing off (`writes_per_second` 0) each thread makes its own writes.
 //!
 //! The thread polls grpcio's futures itself with a waker that unparks it, and parks
 //! when there is nothing to do.
@@ -10,7 +13,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
@@ -23,7 +26,7 @@ use log::debug;
 use parking_lot::Mutex;
 
 use super::encode::{self, Batcher, Encoded};
-use super::hub::{self, Hub, Queued, StreamShared, MAX_BATCH_BYTES};
+use super::hub::{self, Hub, IdleWriter, Queued, StreamShared, MAX_BATCH_BYTES};
 use super::pacer::{Paced, Pacing};
 use crate::core::{Close, Input, Message, Token};
 use crate::pb;
@@ -122,6 +125,7 @@ struct Writer<S> {
     state: Mutex<WriteState<S>>,
     rx: Receiver<Queued>,
     shared: Arc<StreamShared>,
+    pacing: Weak<Pacing>,
 }
 
 struct WriteState<S> {
@@ -135,8 +139,9 @@ struct WriteState<S> {
     writing: bool,
     /// A write failed: the client is gone.
     broken: bool,
-    /// The pacer writes for the stream (its thread does not).
-    paced: bool,
+    /// The stream's thread makes the writes (pacing is off, or the stream is closing);
+    /// the pacer lets go of the stream when it sees this.
+    own_writes: bool,
 }
 
 /// What one look at the write side did.
@@ -185,25 +190,23 @@ impl<S: EventSink> Writer<S> {
 impl<S: EventSink> Paced for Writer<S> {
     fn tick(&self) -> bool {
         let mut st = self.state.lock();
-        if !st.paced {
+        if st.own_writes {
             return false;
         }
         // Nobody is woken by the completion: the next tick looks again.
         match self.step(&mut st, &mut Context::from_waker(Waker::noop())) {
             Step::Wrote | Step::InFlight => true,
             Step::Broken => {
-                st.paced = false;
                 drop(st);
                 self.shared.thread().unpark();
                 false
             }
             Step::Empty => {
-                // Back to the stream's thread, which writes the next event at once. It
-                // is woken by the router from now on; if an event came in between, now.
-                st.paced = false;
+                // Idle: whoever queues the next event writes it; if one came in
+                // between, the pacer does now.
                 drop(st);
                 self.shared.set_idle(true);
-                if !self.drained() || self.shared.close_pending() {
+                if !self.drained() {
                     self.shared.wake();
                 }
                 false
@@ -212,9 +215,47 @@ impl<S: EventSink> Paced for Writer<S> {
     }
 }
 
+impl<S: EventSink> IdleWriter for Writer<S> {
+    fn write_now(self: Arc<Self>) {
+        let mut st = self.state.lock();
+        if st.own_writes {
+            // Pacing is off, or the stream is closing: its thread writes.
+            drop(st);
+            self.shared.thread().unpark();
+            return;
+        }
+        match self.step(&mut st, &mut Context::from_waker(Waker::noop())) {
+            Step::Wrote | Step::InFlight => {
+                drop(st);
+                if let Some(pacing) = self.pacing.upgrade() {
+                    pacing.add(self.shared.conn(), self as Arc<dyn Paced>);
+                }
+            }
+            Step::Broken => {
+                drop(st);
+                self.shared.thread().unpark();
+            }
+            Step::Empty => {
+                // Someone else took what was queued: idle again.
+                drop(st);
+                self.shared.set_idle(true);
+                if !self.drained() && self.shared.needs_wake() {
+                    self.write_soon();
+                }
+            }
+        }
+    }
+
+    fn write_soon(self: Arc<Self>) {
+        if let Some(pacing) = self.pacing.upgrade() {
+            pacing.ready(self.shared.conn(), self as Arc<dyn Paced>);
+        }
+    }
+}
+
 fn drive<S: EventSink>(
     hub: &Hub,
-    pacing: &Pacing,
+    pacing: &Arc<Pacing>,
     shared: &Arc<StreamShared>,
     rx: Receiver<Queued>,
     mut requests: Option<RequestStream<pb::ClientFrame>>,
@@ -229,11 +270,22 @@ fn drive<S: EventSink>(
             batcher: Batcher::default(),
             writing: false,
             broken: false,
-            paced: false,
+            own_writes: !pacing.enabled(),
         }),
         rx,
         shared: Arc::clone(shared),
+        pacing: Arc::downgrade(pacing),
     });
+    if pacing.enabled() {
+        // From now on whoever queues an item for the idle stream writes it; what was
+        // queued before (a subscription's welcome) is written now.
+        let weak: Weak<dyn IdleWriter> = Arc::downgrade(&writer) as Weak<Writer<S>>;
+        shared.set_writer(weak);
+        shared.set_idle(true);
+        if !writer.drained() {
+            shared.wake();
+        }
+    }
     let mut reading = requests.is_some();
     let mut closing: Option<Close> = None;
     let end = 'run: loop {
@@ -266,28 +318,21 @@ fn drive<S: EventSink>(
             break 'run End::Closed(close);
         }
 
-        // Writes: the thread's own unless the pacer has the stream. A stream being closed
-        // takes its writes back to send what is left before its status.
-        let paced = {
+        // Writes: the pacer's, unless pacing is off or the stream is being closed: then
+        // it takes its writes back to send what is left before its status.
+        let waits = {
             let mut st = writer.state.lock();
             if st.broken {
                 break 'run End::Gone;
             }
             if closing.is_some() {
-                st.paced = false;
+                st.own_writes = true;
             }
-            if !st.paced {
-                // The completion of a write in flight wakes us (an idle sink is polled
-                // too: that notices a call the client cancelled).
+            if st.own_writes {
+                // The completion of a write in flight wakes us.
                 match writer.step(&mut st, &mut cx) {
                     Step::Broken => break 'run End::Gone,
-                    Step::Wrote => {
-                        busy = true;
-                        if pacing.enabled() && closing.is_none() {
-                            st.paced = true;
-                            pacing.add(shared.conn(), Arc::clone(&writer) as Arc<dyn Paced>);
-                        }
-                    }
+                    Step::Wrote => busy = true,
                     Step::InFlight => {}
                     Step::Empty => {
                         if let Some(close) = closing.take() {
@@ -296,14 +341,15 @@ fn drive<S: EventSink>(
                     }
                 }
             }
-            st.paced || st.writing
+            // For the pacer's writes, or for our write's completion.
+            !st.own_writes || st.writing
         };
 
         if busy {
             continue;
         }
-        if paced {
-            // The pacer writes, or a completion is due; frames and closes wake us too.
+        if waits {
+            // Frames, closes, completions and a broken call wake us.
             thread::park();
         } else {
             shared.set_idle(true);
@@ -316,7 +362,7 @@ fn drive<S: EventSink>(
 
     let sink = {
         let mut st = writer.state.lock();
-        st.paced = false;
+        st.own_writes = true;
         st.sink.take()
     };
     let Some(mut sink) = sink else { return };
