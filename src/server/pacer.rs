@@ -43,9 +43,6 @@ pub(super) trait Paced: Send + Sync {
     fn tick(&self) -> bool;
 }
 
-/// A stream handed to the pacer, with the id that picks its tick group.
-type Entry = (ConnId, Arc<dyn Paced>);
-
 /// The write budget and the pacer's groups. `interval()` grows with the number of open
 /// streams so that all of them together stay near `writes_per_second`.
 pub struct Pacing {
@@ -54,9 +51,10 @@ pub struct Pacing {
     max: Duration,
     /// Where the tick grid starts.
     epoch: Instant,
-    groups: Vec<Mutex<Vec<Entry>>>,
-    /// Idle streams to write as soon as the pacer gets to them (see [`Pacing::ready`]).
-    ready: Mutex<Vec<Entry>>,
+    groups: Vec<Mutex<Vec<Arc<dyn Paced>>>>,
+    /// Idle streams to write as soon as the pacer gets to them (see [`Pacing::ready`]),
+    /// with the ids that pick their groups.
+    ready: Mutex<Vec<(ConnId, Arc<dyn Paced>)>>,
     /// The pacer thread; whether it sleeps (then a stream made ready wakes it); and
     /// whether it sleeps for want of open streams (then a stream added wakes it too: its
     /// first tick must not wait for the end of that sleep).
@@ -113,7 +111,7 @@ impl Pacing {
     /// Hands stream `conn`, which has just written, to the pacer: it writes for it on its
     /// group's ticks until its `tick` returns false.
     pub(super) fn add(&self, conn: ConnId, stream: Arc<dyn Paced>) {
-        self.groups[group_of(conn)].lock().push((conn, stream));
+        self.groups[group_of(conn)].lock().push(stream);
         if self.dormant.swap(false, Ordering::SeqCst) {
             self.unpark();
         }
@@ -141,7 +139,7 @@ impl Pacing {
         let ready = std::mem::take(&mut *self.ready.lock());
         for (conn, stream) in ready {
             if stream.tick() {
-                self.groups[group_of(conn)].lock().push((conn, stream));
+                self.groups[group_of(conn)].lock().push(stream);
             }
         }
     }
@@ -150,7 +148,7 @@ impl Pacing {
     fn serve(&self, group: usize) {
         // Streams added meanwhile go into the emptied list and are kept.
         let members = std::mem::take(&mut *self.groups[group].lock());
-        let kept: Vec<_> = members.into_iter().filter(|(_, m)| m.tick()).collect();
+        let kept: Vec<_> = members.into_iter().filter(|m| m.tick()).collect();
         self.groups[group].lock().extend(kept);
     }
 
