@@ -3,6 +3,7 @@
 //! queue receives events in the order the core emitted them.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::{self, Thread};
@@ -126,9 +127,33 @@ impl StreamShared {
     }
 }
 
+/// Hashes a `ConnId` with one multiplication. Routing looks one up for every recipient
+/// of every event, under the hub's lock; the ids are the core's own counter, not input
+/// a client could choose, so they need no protection against collisions made on purpose.
+#[derive(Default)]
+struct ConnIdHasher(u64);
+
+impl Hasher for ConnIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: the multiplication spreads consecutive ids over the high bits
+        // the table uses as tags, and keeps the low bits a bijection.
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 struct State {
     broker: Broker,
-    routes: HashMap<ConnId, Arc<StreamShared>>,
+    routes: HashMap<ConnId, Arc<StreamShared>, BuildHasherDefault<ConnIdHasher>>,
     /// The deadline the timer thread currently sleeps until.
     timer_deadline: Option<Instant>,
 }
@@ -152,7 +177,7 @@ impl Hub {
     pub fn start(broker: Broker, queue_capacity: usize) -> std::io::Result<Arc<Hub>> {
         let (timer_kick, kicks) = crossbeam_channel::bounded(1);
         let hub = Arc::new(Hub {
-            state: Mutex::new(State { broker, routes: HashMap::new(), timer_deadline: None }),
+            state: Mutex::new(State { broker, routes: HashMap::default(), timer_deadline: None }),
             linger_until: Mutex::new(None),
             queue_capacity,
             timer_kick,
