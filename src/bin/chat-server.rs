@@ -16,8 +16,12 @@ use signal_hook::iterator::Signals;
 #[derive(Parser, Debug)]
 #[command(name = "chat-server", version)]
 struct Args {
-    /// Address to listen on (use 0.0.0.0:50051 or [::]:50051 to accept remote clients).
-    #[arg(long, default_value = "127.0.0.1:50051")]
+    /// Address to listen on; the help text names the any-address forms.
+    #[arg(
+        long,
+        default_value = "127.0.0.1:50051",
+        help = "Address to listen on (use 0.0.0.0:50051 or [::]:50051 to accept remote clients)"
+    )]
     listen: String,
     /// Messages retained per room and replayed to joining or resuming members.
     #[arg(long, default_value_t = 500)]
