@@ -24,6 +24,15 @@ fn values(json: &str, key: &str) -> Vec<i64> {
         .collect()
 }
 
+/// The number that follows `"key": ` (once in the report), as a float.
+fn float(json: &str, key: &str) -> f64 {
+    let pat = format!("\"{key}\": ");
+    let at = json.find(&pat).unwrap_or_else(|| panic!("no {key:?} in {json}"));
+    let rest = &json[at + pat.len()..];
+    let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+    rest[..end].parse().unwrap_or_else(|_| panic!("{key} is not a number in {json}"))
+}
+
 fn one(json: &str, key: &str) -> i64 {
     let v = values(json, key);
     assert_eq!(v.len(), 1, "expected exactly one {key:?} in {json}");
@@ -62,6 +71,9 @@ fn fanout_delivers_everything_in_order() {
     let cpu = &json[json.find("\"cpu_cores\": {").expect("a cpu_cores object")..];
     let cpu = &cpu[..cpu.find('}').unwrap()];
     assert!(cpu.contains("\"server\": ") && cpu.contains("\"load_generator\": "), "{cpu}");
+    // Publishing waited until no event (the joins' presence) had arrived for 200 ms.
+    let settle = float(&json, "settle_secs");
+    assert!((0.2..20.0).contains(&settle), "settle_secs {settle}");
 }
 
 #[test]

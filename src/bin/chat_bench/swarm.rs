@@ -396,6 +396,23 @@ impl Swarm {
         }
     }
 
+    /// Waits until no member has received anything for `quiet` (the presence of the
+    /// joins has arrived), at most `timeout`; returns the seconds waited.
+    pub fn wait_quiet(&self, quiet: Duration, timeout: Duration) -> f64 {
+        let start = Instant::now();
+        let mut seen = self.shared.grpc_messages.load(Ordering::Acquire);
+        let mut since = start;
+        while since.elapsed() < quiet && start.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(5));
+            let now = self.shared.grpc_messages.load(Ordering::Acquire);
+            if now != seen {
+                seen = now;
+                since = Instant::now();
+            }
+        }
+        start.elapsed().as_secs_f64()
+    }
+
     /// Takes member `i`'s sending side (for a publisher).
     pub fn take_sender(&mut self, i: usize) -> Option<ClientDuplexSender<pb::ClientFrame>> {
         self.senders[i].take()
