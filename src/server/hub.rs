@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -65,7 +65,7 @@ pub struct StreamShared {
     idle: AtomicBool,
     /// How to start that write. Unset (unpaced streams), the stream's thread is unparked
     /// and writes itself.
-    writer: OnceLock<std::sync::Weak<dyn IdleWriter>>,
+    writer: OnceLock<Weak<dyn IdleWriter>>,
     /// A delivery did not fit: drop everything after it.
     lagged: AtomicBool,
 }
@@ -93,7 +93,7 @@ impl StreamShared {
     }
 
     /// Sets the stream's write side (once, before the stream is first marked idle).
-    pub fn set_writer(&self, writer: std::sync::Weak<dyn IdleWriter>) {
+    pub fn set_writer(&self, writer: Weak<dyn IdleWriter>) {
         if self.writer.set(writer).is_err() {
             debug_assert!(false, "a stream's writer is set once");
         }
@@ -114,7 +114,7 @@ impl StreamShared {
 
     /// Starts the stream's write: on this thread, by the pacer, or by its own thread.
     fn start_write(&self, caller: Caller) {
-        match (self.writer.get().and_then(std::sync::Weak::upgrade), caller) {
+        match (self.writer.get().and_then(Weak::upgrade), caller) {
             (Some(writer), Caller::Own) => writer.write_now(),
             (Some(writer), Caller::Handler) => writer.write_soon(),
             (None, _) => self.thread.unpark(),
@@ -172,6 +172,11 @@ pub struct Hub {
 /// thread, are system calls; they are kept out of the critical section).
 pub type Wakes = Vec<Arc<StreamShared>>;
 
+/// Starts the writes of the idle streams routing woke, after the hub's lock.
+fn start_writes(wakes: &Wakes, caller: Caller) {
+    wakes.iter().for_each(|s| s.start_write(caller));
+}
+
 impl Hub {
     /// A hub around `broker`, with its timer thread started.
     pub fn start(broker: Broker, queue_capacity: usize) -> std::io::Result<Arc<Hub>> {
@@ -205,7 +210,7 @@ impl Hub {
             self.route(&mut state, &mut wakes);
             result
         };
-        wakes.iter().for_each(|s| s.start_write(caller));
+        start_writes(&wakes, caller);
         result
     }
 
@@ -244,7 +249,7 @@ impl Hub {
             debug!("stream {conn} ended: {result:?}");
             self.route(&mut state, &mut wakes);
         }
-        wakes.iter().for_each(|s| s.start_write(Caller::Own));
+        start_writes(&wakes, Caller::Own);
     }
 
     /// Starts a shutdown: closed streams will linger until `until` (see [`Hub::linger_until`]).
@@ -338,14 +343,14 @@ impl Hub {
             state.timer_deadline = state.broker.poll_timeout();
             state.timer_deadline
         };
-        wakes.iter().for_each(|s| s.start_write(Caller::Own));
+        start_writes(&wakes, Caller::Own);
         next
     }
 }
 
 /// Sleeps until the broker's next deadline (or a kick that says it moved earlier),
 /// then fires due timers. Ends when the hub is dropped.
-fn run_timers(hub: std::sync::Weak<Hub>, kicks: Receiver<()>) {
+fn run_timers(hub: Weak<Hub>, kicks: Receiver<()>) {
     let mut next: Option<Instant> = None;
     loop {
         let wait = next.map_or(Duration::from_secs(1), |at| at.saturating_duration_since(Instant::now()));
