@@ -1,15 +1,23 @@
 //! Paced writes. A stream that has just written is handed to the pacer thread, which
-//! writes for it on its tick group's next tick everything that queued meanwhile, as one
+//! writes for it, about one interval later, everything that queued meanwhile, as one
 //! batch, and lets go of it (idle again) once a tick finds nothing to send.
+//!
+//! The pacer walks its busy streams in connection order, a sixteenth of them per tick, so
+//! that the streams of one HTTP/2 connection are written one after another: C-core then
+//! often puts several of those writes into one `sendmsg`, and the client reads them with
+//! one wake-up (see BENCHMARKS.md).
 //!
 //! Each gRPC write costs a C-core operation and a `sendmsg`; when every busy stream's
 //! thread woke up to make its own write, the wake-up cost as much again. One thread
-//! that walks a tick group's streams makes those writes without a wake-up each: measured
+//! that walks the busy streams makes those writes without a wake-up each: measured
 //! on 2 cores at 500 k deliveries/s this took the server from about 1.0 to 0.7 cores and
 //! kept the latency steady at twice the write rate (see BENCHMARKS.md). An idle
 //! stream's first write is made at once by the thread that queued its event, or, when
 //! that is a gRPC handler, by the pacer as soon as it gets to it (`ready`).
 
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, BuildHasherDefault};
+use std::ops::{Bound, Range};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::thread::{self, Thread};
@@ -20,18 +28,17 @@ use parking_lot::Mutex;
 use super::service::StreamLimit;
 use crate::core::ConnId;
 
-/// How many tick groups busy streams are spread over (by stream id). Each group's ticks
-/// sit `1/TICK_GROUPS` of an interval after the previous group's, so the pacer writes for
-/// a sixteenth of the busy streams at a time instead of all of them in one burst, which
-/// added the length of the burst to the median latency.
-pub const TICK_GROUPS: u32 = 16;
+/// How many ticks an interval has. Each tick writes the next sixteenth of the busy
+/// streams, instead of all of them in one burst, which added the length of the burst to
+/// the median latency.
+pub const TICKS: u32 = 16;
 
 /// The longest the pacer thread sleeps before it looks at the interval again.
 const MAX_SLEEP: Duration = Duration::from_millis(20);
 
 /// The shortest time between two ticks. A sleep takes at least ~60 µs (the kernel's timer
-/// slack), so with short intervals (few streams) each tick serves several groups at once
-/// instead of one group per sleep, which would stretch the interval sixteenfold.
+/// slack), so with short intervals (few streams) each tick serves several sixteenths at
+/// once instead of one per sleep, which would stretch the interval sixteenfold.
 const MIN_STEP: Duration = Duration::from_micros(250);
 
 /// A stream the pacer writes for.
@@ -43,7 +50,56 @@ pub(super) trait Paced: Send + Sync {
     fn tick(&self) -> bool;
 }
 
-/// The write budget and the pacer's groups. `interval()` grows with the number of open
+/// Where a stream comes in the pacer's walk: with the other streams of its connection,
+/// by id among them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct WriteOrder {
+    /// The stream's HTTP/2 connection, as [`connection_key`] of its peer address.
+    pub connection: u64,
+    pub stream: ConnId,
+}
+
+/// A number for the connection a call came on: a hash of its peer address (such as
+/// `ipv4:127.0.0.1:50312`), which the streams of one connection share. Connections whose
+/// peers look alike (Unix sockets) get one number; their streams are then walked by id.
+pub(super) fn connection_key(peer: &str) -> u64 {
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(peer)
+}
+
+/// The busy streams in walking order, and where the walk is.
+#[derive(Default)]
+struct Walk {
+    streams: BTreeMap<WriteOrder, Arc<dyn Paced>>,
+    /// The last stream taken; the next tick starts after it, and after the last stream
+    /// starts again at the first.
+    after: Option<WriteOrder>,
+}
+
+impl Walk {
+    /// Takes out the streams for sixteenths `parts` of an interval: of `n` busy streams,
+    /// as many as lie between `n × start / 16` and `n × end / 16`, so that each of them is
+    /// taken once per interval while `n` stays the same. Each call goes on from where the
+    /// last one stopped.
+    fn take(&mut self, parts: &Range<usize>) -> Vec<(WriteOrder, Arc<dyn Paced>)> {
+        let n = self.streams.len();
+        let count = n * parts.end / TICKS as usize - n * parts.start / TICKS as usize;
+        let mut taken = Vec::with_capacity(count);
+        while taken.len() < count {
+            let start = self.after.map_or(Bound::Unbounded, Bound::Excluded);
+            let Some((&key, _)) = self.streams.range((start, Bound::Unbounded)).next() else {
+                // Past the last stream: start again at the first.
+                self.after = None;
+                continue;
+            };
+            let stream = self.streams.remove(&key).expect("the key was just found");
+            taken.push((key, stream));
+            self.after = Some(key);
+        }
+        taken
+    }
+}
+
+/// The write budget and the pacer's walk. `interval()` grows with the number of open
 /// streams so that all of them together stay near `writes_per_second`.
 pub struct Pacing {
     streams: Arc<StreamLimit>,
@@ -51,10 +107,9 @@ pub struct Pacing {
     max: Duration,
     /// Where the tick grid starts.
     epoch: Instant,
-    groups: Vec<Mutex<Vec<Arc<dyn Paced>>>>,
-    /// Idle streams to write as soon as the pacer gets to them (see [`Pacing::ready`]),
-    /// with the ids that pick their groups.
-    ready: Mutex<Vec<(ConnId, Arc<dyn Paced>)>>,
+    busy: Mutex<Walk>,
+    /// Idle streams to write as soon as the pacer gets to them (see [`Pacing::ready`]).
+    ready: Mutex<Vec<(WriteOrder, Arc<dyn Paced>)>>,
     /// The pacer thread; whether it sleeps (then a stream made ready wakes it); and
     /// whether it sleeps for want of open streams (then a stream added wakes it too: its
     /// first tick must not wait for the end of that sleep).
@@ -74,13 +129,12 @@ impl Pacing {
     ) -> std::io::Result<Arc<Pacing>> {
         let per_stream =
             if writes_per_second == 0 { Duration::ZERO } else { Duration::from_secs(1) / writes_per_second };
-        let groups = (0..TICK_GROUPS).map(|_| Mutex::new(Vec::new())).collect();
         let pacing = Arc::new(Pacing {
             streams,
             per_stream,
             max,
             epoch: Instant::now(),
-            groups,
+            busy: Mutex::new(Walk::default()),
             ready: Mutex::new(Vec::new()),
             thread: OnceLock::new(),
             sleeping: AtomicBool::new(false),
@@ -108,21 +162,21 @@ impl Pacing {
         self.per_stream.saturating_mul(open).min(self.max)
     }
 
-    /// Hands stream `conn`, which has just written, to the pacer: it writes for it on its
-    /// group's ticks until its `tick` returns false.
-    pub(super) fn add(&self, conn: ConnId, stream: Arc<dyn Paced>) {
-        self.groups[group_of(conn)].lock().push(stream);
+    /// Hands a stream that has just written to the pacer: it writes for it about once an
+    /// interval until its `tick` returns false.
+    pub(super) fn add(&self, order: WriteOrder, stream: Arc<dyn Paced>) {
+        self.busy.lock().streams.insert(order, stream);
         if self.dormant.swap(false, Ordering::SeqCst) {
             self.unpark();
         }
     }
 
-    /// Hands idle stream `conn`, whose queue got an item, to the pacer: it is written as
-    /// soon as the pacer gets to it, then on its group's ticks. For the threads that must
+    /// Hands an idle stream whose queue got an item to the pacer: it is written as soon
+    /// as the pacer gets to it, then about once an interval. For the threads that must
     /// not write themselves: gRPC's completion-queue threads, which run the unary
     /// handlers and must return at once.
-    pub(super) fn ready(&self, conn: ConnId, stream: Arc<dyn Paced>) {
-        self.ready.lock().push((conn, stream));
+    pub(super) fn ready(&self, order: WriteOrder, stream: Arc<dyn Paced>) {
+        self.ready.lock().push((order, stream));
         if self.sleeping.swap(false, Ordering::SeqCst) {
             self.unpark();
         }
@@ -134,22 +188,26 @@ impl Pacing {
         }
     }
 
-    /// Writes the streams made ready and puts the ones still busy in their groups.
+    /// Writes the streams made ready and puts the ones still busy in the walk.
     fn serve_ready(&self) {
         let ready = std::mem::take(&mut *self.ready.lock());
-        for (conn, stream) in ready {
-            if stream.tick() {
-                self.groups[group_of(conn)].lock().push(stream);
-            }
-        }
+        self.tick_and_keep(ready);
     }
 
-    /// Serves one group's tick.
-    fn serve(&self, group: usize) {
-        // Streams added meanwhile go into the emptied list and are kept.
-        let members = std::mem::take(&mut *self.groups[group].lock());
-        let kept: Vec<_> = members.into_iter().filter(|m| m.tick()).collect();
-        self.groups[group].lock().extend(kept);
+    /// Serves a tick: the walk's next streams for sixteenths `parts` of the interval.
+    fn serve(&self, parts: &Range<usize>) {
+        // Out of the walk while they are written: a stream let go (idle) and at once
+        // handed back by the thread that queued its next event stays in it.
+        let taken = self.busy.lock().take(parts);
+        self.tick_and_keep(taken);
+    }
+
+    fn tick_and_keep(&self, streams: Vec<(WriteOrder, Arc<dyn Paced>)>) {
+        if streams.is_empty() {
+            return;
+        }
+        let kept: Vec<_> = streams.into_iter().filter(|(_, stream)| stream.tick()).collect();
+        self.busy.lock().streams.extend(kept);
     }
 
     /// Says the pacer is about to sleep; false if a stream made ready waits for it.
@@ -159,12 +217,8 @@ impl Pacing {
     }
 }
 
-fn group_of(conn: ConnId) -> usize {
-    (conn.get() % u64::from(TICK_GROUPS)) as usize
-}
-
-/// The pacer thread: writes the streams made ready, and serves the groups' ticks in
-/// turn, until the `Pacing` is dropped.
+/// The pacer thread: writes the streams made ready, and serves the ticks in turn, until
+/// the `Pacing` is dropped.
 fn run(pacing: Weak<Pacing>) {
     let mut last: Option<Instant> = None;
     loop {
@@ -174,8 +228,8 @@ fn run(pacing: Weak<Pacing>) {
         p.serve_ready();
         let now = Instant::now();
         let sleep = match next_tick(p.epoch, last, now, p.interval()) {
-            Some(Tick { at, groups }) if at <= now => {
-                groups.for_each(|group| p.serve(group));
+            Some(Tick { at, parts }) if at <= now => {
+                p.serve(&parts);
                 last = Some(at);
                 continue;
             }
@@ -200,30 +254,30 @@ fn run(pacing: Weak<Pacing>) {
     }
 }
 
-/// A tick: when, and which groups it serves.
+/// A tick: when, and which sixteenths of an interval it serves.
 #[derive(Debug, PartialEq)]
 struct Tick {
     at: Instant,
-    groups: std::ops::Range<usize>,
+    parts: Range<usize>,
 }
 
 /// The tick to serve after the one at `last` (`None`: none served yet): the first point
 /// after it on a grid that starts at `epoch`. Normally the grid's step is `interval /
-/// TICK_GROUPS` and each tick serves one group; when that step would be under
-/// [`MIN_STEP`], each tick serves 2, 4, 8 or all 16 groups and the step grows to match.
+/// TICKS` and each tick serves one sixteenth; when that step would be under
+/// [`MIN_STEP`], each tick serves 2, 4, 8 or all 16 sixteenths and the step grows to match.
 /// A pacer more than a whole interval behind skips to the latest tick at or before `now`
 /// rather than racing through every missed one. `None` when `interval` is zero (no open
 /// streams, or no pacing).
 fn next_tick(epoch: Instant, last: Option<Instant>, now: Instant, interval: Duration) -> Option<Tick> {
     let mut per_tick = 1u32;
-    while per_tick < TICK_GROUPS && interval * per_tick / TICK_GROUPS < MIN_STEP {
+    while per_tick < TICKS && interval * per_tick / TICKS < MIN_STEP {
         per_tick *= 2;
     }
-    let step = (interval * per_tick / TICK_GROUPS).as_nanos();
+    let step = (interval * per_tick / TICKS).as_nanos();
     if step == 0 {
         return None;
     }
-    let ticks_per_interval = u128::from(TICK_GROUPS / per_tick);
+    let ticks_per_interval = u128::from(TICKS / per_tick);
     let index_at = |t: Instant| t.saturating_duration_since(epoch).as_nanos() / step;
     let current = index_at(now);
     let index = match last {
@@ -232,7 +286,7 @@ fn next_tick(epoch: Instant, last: Option<Instant>, now: Instant, interval: Dura
     };
     let at = epoch + Duration::from_nanos(u64::try_from(index * step).unwrap_or(u64::MAX));
     let first = (index % ticks_per_interval) as usize * per_tick as usize;
-    Some(Tick { at, groups: first..first + per_tick as usize })
+    Some(Tick { at, parts: first..first + per_tick as usize })
 }
 
 #[cfg(test)]
@@ -257,6 +311,94 @@ mod tests {
         }
     }
 
+    fn order(connection: u64, stream: u64) -> WriteOrder {
+        WriteOrder { connection, stream: ConnId(stream) }
+    }
+
+    /// A stream for the walk's tests: always busy, never ticked.
+    struct Busy;
+
+    impl Paced for Busy {
+        fn tick(&self) -> bool {
+            true
+        }
+    }
+
+    /// Takes the walk's streams for each sixteenth of `intervals` intervals, one tick at a
+    /// time, and puts them back (as if still busy) before the next; returns their orders.
+    fn walk_through(walk: &mut Walk, intervals: usize) -> Vec<Vec<WriteOrder>> {
+        let mut ticks = Vec::new();
+        for part in (0..TICKS as usize).cycle().take(TICKS as usize * intervals) {
+            let taken = walk.take(&(part..part + 1));
+            ticks.push(taken.iter().map(|(order, _)| *order).collect());
+            walk.streams.extend(taken);
+        }
+        ticks
+    }
+
+    #[test]
+    fn the_walk_writes_each_connections_streams_together_and_each_stream_once_per_interval() {
+        let mut walk = Walk::default();
+        // 40 streams over 4 connections, their ids interleaved as they are when clients
+        // join at once.
+        for id in 0..40 {
+            walk.streams.insert(order(id % 4, id), Arc::new(Busy));
+        }
+        let ticks = walk_through(&mut walk, 2);
+        for interval in ticks.chunks(TICKS as usize) {
+            let sizes: Vec<_> = interval.iter().map(Vec::len).collect();
+            assert!(sizes.iter().all(|&n| n == 2 || n == 3), "40 streams over 16 ticks: {sizes:?}");
+            let walked: Vec<_> = interval.concat();
+            let mut expected: Vec<_> = (0..40).map(|id| order(id % 4, id)).collect();
+            expected.sort();
+            assert_eq!(walked, expected, "by connection, then id, once each");
+        }
+        // Within a tick, one connection's streams come one after another.
+        for tick in &ticks {
+            let connections: Vec<_> = tick.iter().map(|o| o.connection).collect();
+            assert!(connections.windows(2).all(|w| w[0] <= w[1]), "{tick:?}");
+        }
+    }
+
+    #[test]
+    fn with_fewer_streams_than_ticks_each_is_still_taken_once_per_interval() {
+        let mut walk = Walk::default();
+        for id in 0..5 {
+            walk.streams.insert(order(7, id), Arc::new(Busy));
+        }
+        for interval in walk_through(&mut walk, 3).chunks(TICKS as usize) {
+            let walked: Vec<_> = interval.concat();
+            assert_eq!(walked, (0..5).map(|id| order(7, id)).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn streams_added_mid_walk_are_taken_when_the_walk_reaches_them() {
+        let mut walk = Walk::default();
+        for connection in [1, 3] {
+            for id in 0..8 {
+                walk.streams.insert(order(connection, connection * 100 + id), Arc::new(Busy));
+            }
+        }
+        let tick = |walk: &mut Walk, part: usize| -> Vec<WriteOrder> {
+            let taken = walk.take(&(part..part + 1));
+            let orders = taken.iter().map(|(order, _)| *order).collect();
+            walk.streams.extend(taken);
+            orders
+        };
+        // Half an interval: connection 1's streams.
+        let first_half: Vec<_> = (0..8).flat_map(|part| tick(&mut walk, part)).collect();
+        assert_eq!(first_half, (100..108).map(|id| order(1, id)).collect::<Vec<_>>());
+        // One stream joins behind the walk, one ahead of it.
+        walk.streams.insert(order(0, 1), Arc::new(Busy));
+        walk.streams.insert(order(2, 1), Arc::new(Busy));
+        let second_half: Vec<_> = (8..16).flat_map(|part| tick(&mut walk, part)).collect();
+        assert_eq!(second_half.first(), Some(&order(2, 1)), "the one ahead comes next: {second_half:?}");
+        assert!(second_half.ends_with(&[order(3, 307)]), "{second_half:?}");
+        assert!(!second_half.contains(&order(0, 1)), "the one behind waits: {second_half:?}");
+        assert_eq!(tick(&mut walk, 0).first(), Some(&order(0, 1)), "and starts the next interval");
+    }
+
     #[test]
     fn a_ready_stream_is_written_then_ticked_until_it_has_nothing_to_send() {
         let streams = StreamLimit::new(10);
@@ -266,7 +408,7 @@ mod tests {
         for conn in [1, 2, 7] {
             let (seen, ticks) = crossbeam_channel::unbounded();
             let fake = Arc::new(Fake { ticks: AtomicU32::new(0), busy_for: 3, seen });
-            pacing.ready(ConnId(conn), Arc::clone(&fake) as Arc<dyn Paced>);
+            pacing.ready(order(conn % 2, conn), Arc::clone(&fake) as Arc<dyn Paced>);
             for expected in 1..=3 {
                 assert_eq!(ticks.recv_timeout(wait), Ok(expected), "stream {conn}");
             }
@@ -275,32 +417,32 @@ mod tests {
         }
         let (seen, ticks) = crossbeam_channel::unbounded();
         let added = Arc::new(Fake { ticks: AtomicU32::new(1), busy_for: 3, seen });
-        pacing.add(ConnId(9), added as Arc<dyn Paced>);
-        assert_eq!(ticks.recv_timeout(wait), Ok(2), "an added stream is ticked on its group's ticks");
+        pacing.add(order(0, 9), added as Arc<dyn Paced>);
+        assert_eq!(ticks.recv_timeout(wait), Ok(2), "an added stream is ticked");
         assert_eq!(ticks.recv_timeout(wait), Ok(3));
     }
 
     #[test]
-    fn ticks_are_a_sixteenth_of_an_interval_apart_and_walk_through_the_groups() {
+    fn ticks_are_a_sixteenth_of_an_interval_apart_and_serve_the_sixteenths_in_turn() {
         let epoch = Instant::now();
         let interval = 16 * MS;
         let first = next_tick(epoch, None, epoch + 5 * MS, interval).expect("paced");
         assert_eq!(
             first,
-            Tick { at: epoch + 5 * MS, groups: 5..6 },
+            Tick { at: epoch + 5 * MS, parts: 5..6 },
             "the first tick is the latest one so far"
         );
         let mut at = first.at;
-        let mut groups = vec![first.groups.start];
+        let mut parts = vec![first.parts.start];
         for _ in 0..40 {
             let next = next_tick(epoch, Some(at), at, interval).unwrap();
             assert_eq!(next.at - at, MS);
-            assert_eq!(next.groups.len(), 1);
-            groups.push(next.groups.start);
+            assert_eq!(next.parts.len(), 1);
+            parts.push(next.parts.start);
             at = next.at;
         }
-        for pair in groups.windows(2) {
-            assert_eq!(pair[1], (pair[0] + 1) % TICK_GROUPS as usize, "{groups:?}");
+        for pair in parts.windows(2) {
+            assert_eq!(pair[1], (pair[0] + 1) % TICKS as usize, "{parts:?}");
         }
     }
 
@@ -311,10 +453,10 @@ mod tests {
         // 10 ticks late: the next one in order, already due.
         let last = epoch + 100 * MS;
         let tick = next_tick(epoch, Some(last), last + 10 * MS, interval).unwrap();
-        assert_eq!(tick, Tick { at: epoch + 101 * MS, groups: 5..6 });
+        assert_eq!(tick, Tick { at: epoch + 101 * MS, parts: 5..6 });
         // 40 ticks late: skip to the latest.
         let tick = next_tick(epoch, Some(last), last + 40 * MS, interval).unwrap();
-        assert_eq!(tick, Tick { at: epoch + 140 * MS, groups: 12..13 });
+        assert_eq!(tick, Tick { at: epoch + 140 * MS, parts: 12..13 });
     }
 
     #[test]
@@ -327,10 +469,10 @@ mod tests {
     }
 
     #[test]
-    fn short_intervals_serve_several_groups_per_tick_and_every_group_once_per_interval() {
+    fn short_intervals_serve_several_sixteenths_per_tick_and_each_once_per_interval() {
         let epoch = Instant::now();
-        // 4 ms: a sixteenth would be 250 µs, just enough for one group per tick.
-        assert_eq!(next_tick(epoch, None, epoch, 4 * MS).unwrap().groups.len(), 1);
+        // 4 ms: a sixteenth would be 250 µs, just enough for one per tick.
+        assert_eq!(next_tick(epoch, None, epoch, 4 * MS).unwrap().parts.len(), 1);
         for (interval, per_tick) in
             [(Duration::from_micros(3999), 2), (2 * MS, 2), (MS, 4), (100 * MS / 1000, 16)]
         {
@@ -338,13 +480,13 @@ mod tests {
             let mut served = Vec::new();
             for _ in 0..(16 / per_tick) {
                 let tick = next_tick(epoch, Some(at), at, interval).unwrap();
-                assert_eq!(tick.groups.len(), per_tick as usize, "{interval:?}");
+                assert_eq!(tick.parts.len(), per_tick as usize, "{interval:?}");
                 assert!(
                     tick.at - at >= MIN_STEP || per_tick == 16,
                     "{interval:?}: ticks {:?} apart",
                     tick.at - at
                 );
-                served.extend(tick.groups);
+                served.extend(tick.parts);
                 at = tick.at;
             }
             served.sort_unstable();

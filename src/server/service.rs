@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 
 use super::encode::{self, deserialize_encoded, serialize_encoded, Encoded};
 use super::hub::{self, Caller, Hub};
-use super::pacer::Pacing;
+use super::pacer::{self, Pacing};
 use super::stream;
 use crate::core::{Accepted, Input, Seq};
 use crate::pb;
@@ -175,10 +175,11 @@ impl ChatService {
 
     fn chat(&self, ctx: RpcContext, requests: RequestStream<pb::ClientFrame>, sink: DuplexSink<Encoded>) {
         let (hub, pacing) = (Arc::clone(&self.hub), Arc::clone(&self.pacing));
+        let connection = pacer::connection_key(&ctx.peer());
         self.start_stream(
             ctx,
             (requests, sink),
-            move |(requests, sink)| stream::run_chat(hub, pacing, requests, sink),
+            move |(requests, sink)| stream::run_chat(hub, pacing, connection, requests, sink),
             |(requests, sink), status| async move {
                 // The request stream must outlive the status: dropping it first cancels
                 // the call, and the client would see CANCELLED instead.
@@ -190,10 +191,11 @@ impl ChatService {
 
     fn subscribe(&self, ctx: RpcContext, req: pb::SubscribeRequest, sink: ServerStreamingSink<Encoded>) {
         let (hub, pacing) = (Arc::clone(&self.hub), Arc::clone(&self.pacing));
+        let connection = pacer::connection_key(&ctx.peer());
         self.start_stream(
             ctx,
             (req, sink),
-            move |(req, sink)| stream::run_subscribe(hub, pacing, req, sink),
+            move |(req, sink)| stream::run_subscribe(hub, pacing, connection, req, sink),
             |(_, sink), status| sink.fail(status).map(|_| ()),
         );
     }

@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 
 use super::encode::{self, Batcher, Encoded};
 use super::hub::{self, Hub, IdleWriter, Queued, StreamShared, MAX_BATCH_BYTES};
-use super::pacer::{Paced, Pacing};
+use super::pacer::{Paced, Pacing, WriteOrder};
 use crate::core::{Close, Input, Message, Token};
 use crate::pb;
 use crate::pb::client_frame::Frame;
@@ -77,6 +77,7 @@ pub fn new_token() -> Token {
 pub fn run_chat(
     hub: Arc<Hub>,
     pacing: Arc<Pacing>,
+    connection: u64,
     requests: RequestStream<pb::ClientFrame>,
     sink: DuplexSink<Encoded>,
 ) {
@@ -84,13 +85,14 @@ pub fn run_chat(
         Ok(opened) => opened,
         Err(rejection) => return finish(sink, Some(encode::rpc_status(&rejection)), Some(requests)),
     };
-    drive(&hub, &pacing, &shared, rx, Some(requests), sink);
+    drive(&hub, &pacing, connection, &shared, rx, Some(requests), sink);
 }
 
 /// Runs a `Subscribe` stream to its end on the current thread.
 pub fn run_subscribe(
     hub: Arc<Hub>,
     pacing: Arc<Pacing>,
+    connection: u64,
     req: pb::SubscribeRequest,
     sink: ServerStreamingSink<Encoded>,
 ) {
@@ -106,7 +108,7 @@ pub fn run_subscribe(
         epoch: crate::core::Epoch(req.epoch),
     });
     hub::log_result("subscribe", &result);
-    drive(&hub, &pacing, &shared, rx, None, sink);
+    drive(&hub, &pacing, connection, &shared, rx, None, sink);
 }
 
 /// How the loop ended.
@@ -126,6 +128,9 @@ struct Writer<S> {
     rx: Receiver<Queued>,
     shared: Arc<StreamShared>,
     pacing: Weak<Pacing>,
+    /// The stream's connection (see [`super::pacer::connection_key`]): the pacer writes the
+    /// streams of one connection one after another.
+    connection: u64,
 }
 
 struct WriteState<S> {
@@ -187,6 +192,12 @@ impl<S: EventSink> Writer<S> {
     }
 }
 
+impl<S> Writer<S> {
+    fn order(&self) -> WriteOrder {
+        WriteOrder { connection: self.connection, stream: self.shared.conn() }
+    }
+}
+
 impl<S: EventSink> Paced for Writer<S> {
     fn tick(&self) -> bool {
         let mut st = self.state.lock();
@@ -228,7 +239,7 @@ impl<S: EventSink> IdleWriter for Writer<S> {
             Step::Wrote | Step::InFlight => {
                 drop(st);
                 if let Some(pacing) = self.pacing.upgrade() {
-                    pacing.add(self.shared.conn(), self as Arc<dyn Paced>);
+                    pacing.add(self.order(), self as Arc<dyn Paced>);
                 }
             }
             Step::Broken => {
@@ -248,7 +259,7 @@ impl<S: EventSink> IdleWriter for Writer<S> {
 
     fn write_soon(self: Arc<Self>) {
         if let Some(pacing) = self.pacing.upgrade() {
-            pacing.ready(self.shared.conn(), self as Arc<dyn Paced>);
+            pacing.ready(self.order(), self as Arc<dyn Paced>);
         }
     }
 }
@@ -256,6 +267,7 @@ impl<S: EventSink> IdleWriter for Writer<S> {
 fn drive<S: EventSink>(
     hub: &Hub,
     pacing: &Arc<Pacing>,
+    connection: u64,
     shared: &Arc<StreamShared>,
     rx: Receiver<Queued>,
     mut requests: Option<RequestStream<pb::ClientFrame>>,
@@ -275,6 +287,7 @@ fn drive<S: EventSink>(
         rx,
         shared: Arc::clone(shared),
         pacing: Arc::downgrade(pacing),
+        connection,
     });
     if pacing.enabled() {
         // From now on whoever queues an item for the idle stream writes it; what was
