@@ -4,6 +4,8 @@
 
 use std::process::{Command, Output};
 
+use grpc_chat::server::{ChatServer, ServerConfig};
+
 fn bench(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_chat-bench"))
         .args(args)
@@ -161,4 +163,53 @@ fn unreachable_server_exits_with_2() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot reach"), "{err}");
+}
+
+#[test]
+fn fanout_with_the_benchs_own_http2_receivers() {
+    let json = run_ok(&[
+        "--receivers",
+        "h2",
+        "--connections",
+        "3",
+        "fanout",
+        "--rooms",
+        "2",
+        "--members",
+        "6",
+        "--messages",
+        "60",
+        "--rate",
+        "2000",
+    ]);
+    assert!(json.contains("\"receivers\": \"h2\""), "{json}");
+    assert_verified(&json);
+    assert_eq!(one(&json, "members_checked"), 12);
+    // Two publishers (grpcio), 30 messages each, to 6 members of each room.
+    assert_eq!(one(&json, "deliveries"), 60 * 6);
+    assert_eq!(one(&json, "received"), 60 * 6);
+}
+
+#[test]
+fn http2_receivers_report_the_status_of_a_refused_stream() {
+    let server = ChatServer::start(ServerConfig {
+        listen: "127.0.0.1:0".into(),
+        max_streams: 4,
+        ..ServerConfig::default()
+    })
+    .expect("server starts");
+    let out = bench(&[
+        "--server",
+        &server.addr(),
+        "--receivers",
+        "h2",
+        "fanout",
+        "--members",
+        "6",
+        "--messages",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused 2 of 6") && err.contains("RESOURCE_EXHAUSTED"), "{err}");
 }

@@ -15,8 +15,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[path = "chat_bench/fanout.rs"]
 mod fanout;
+#[path = "chat_bench/h2wire.rs"]
+mod h2wire;
 #[path = "chat_bench/hist.rs"]
 mod hist;
+#[path = "chat_bench/hpack.rs"]
+mod hpack;
 #[path = "chat_bench/join.rs"]
 mod join;
 #[path = "chat_bench/report.rs"]
@@ -78,6 +82,14 @@ pub struct Global {
     /// receive loops on the grpcio completion-queue threads instead.
     #[arg(long, global = true)]
     pub drivers: Option<usize>,
+    /// The client that receiving members use: grpcio, or the bench's own HTTP/2 client
+    /// (`h2`, a fraction of grpcio's CPU per message; fanout only, publishers stay on grpcio).
+    #[arg(long, global = true, value_enum, default_value_t = Receivers::Grpcio)]
+    pub receivers: Receivers,
+    /// With `--receivers h2`: microseconds each reader thread sleeps after draining its
+    /// sockets (it adds up to this much to the measured latency).
+    #[arg(long, global = true, default_value_t = 1000)]
+    pub h2_poll_us: u64,
     /// grpcio completion-queue threads of the bench.
     #[arg(long, global = true, default_value_t = 2)]
     pub cq: usize,
@@ -112,6 +124,15 @@ impl Global {
             queue: self.server_queue,
         }
     }
+}
+
+/// The client receiving members use.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Receivers {
+    /// grpcio, like every other client of the bench.
+    Grpcio,
+    /// The bench's minimal HTTP/2 client (plain text, one reader thread per connection).
+    H2,
 }
 
 /// How publishers post.

@@ -14,12 +14,13 @@ use futures::SinkExt;
 use grpc_chat::pb;
 use grpcio::{ClientDuplexSender, WriteFlags};
 
+use crate::h2wire::H2Conns;
 use crate::hist::{now_ns, take_all, Summary};
 use crate::report::{latency, Obj, Progress, Val};
 use crate::swarm::{self, MemberSpec, Swarm};
 use crate::target::{cpu_secs, Needs, Target};
 use crate::wire::{code_name, error_code, post, stamped_text};
-use crate::{connect, run_id, Global, Outcome, PublishVia};
+use crate::{connect, run_id, Global, Outcome, PublishVia, Receivers};
 
 /// Options of the `fanout` scenario.
 #[derive(Args, Debug)]
@@ -458,7 +459,21 @@ pub fn run(a: &FanoutArgs, g: &Global, target: &Target) -> Outcome {
     let members: Vec<MemberSpec> = (0..a.rooms * a.members)
         .map(|i| MemberSpec { user: format!("{id}-m{i}"), room: i / a.members })
         .collect();
-    let mut swarm = Swarm::open(&conns, rooms, members, g.drivers(), false);
+    let h2 = match g.receivers {
+        Receivers::Grpcio => None,
+        Receivers::H2 => {
+            let wait = g.timeout().min(Duration::from_secs(10));
+            let poll = Duration::from_micros(g.h2_poll_us);
+            match H2Conns::connect(target.addr(), g.connections, wait, g.drivers(), poll) {
+                Ok(h) => Some(h),
+                Err(e) => return Outcome::Refused(e),
+            }
+        }
+    };
+    // Publisher j is member j / R of room j % R (below), so member i publishes when
+    // (i % M) * R + i / M < P.
+    let publishes = |i: usize| (i % a.members) * a.rooms + i / a.members < publishers;
+    let mut swarm = Swarm::open_mixed(&conns, h2, publishes, rooms, members, g.drivers(), false);
     let sh = swarm.shared.clone();
     let sent = Arc::new(AtomicU64::new(0));
     let total = swarm.members.len();
@@ -580,6 +595,7 @@ pub fn run(a: &FanoutArgs, g: &Global, target: &Target) -> Outcome {
                 .set("bytes", a.bytes.max(17))
                 .set("via", format!("{:?}", a.via).to_lowercase())
                 .set("connections", g.connections)
+                .set("receivers", format!("{:?}", g.receivers).to_lowercase())
                 .set("drivers", g.drivers())
                 .set("mode", if a.ramp { "ramp" } else { "fixed" }),
         )

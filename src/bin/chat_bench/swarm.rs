@@ -15,6 +15,7 @@ use grpc_chat::pb;
 use grpcio::{ClientDuplexReceiver, ClientDuplexSender, WriteFlags};
 use parking_lot::Mutex;
 
+use crate::h2wire::{H2Conns, StreamTx};
 use crate::hist::{now_ns, with_local};
 use crate::wire::{self, error_code, Conns, Incoming, Item};
 
@@ -155,7 +156,7 @@ fn on_message(o: &mut Outcome, sh: &Shared, seq: u64) -> bool {
     fresh
 }
 
-fn handle(o: &mut Outcome, sh: &Shared, replay: bool, inc: Incoming) {
+pub fn handle(o: &mut Outcome, sh: &Shared, replay: bool, inc: Incoming) {
     let now = now_ns();
     let (mut live, mut old) = (0u64, 0u64);
     with_local(|h| {
@@ -216,32 +217,14 @@ fn handle(o: &mut Outcome, sh: &Shared, replay: bool, inc: Incoming) {
     }
 }
 
-async fn member_loop(
-    id: usize,
-    room: usize,
-    replay: bool,
-    mut rx: ClientDuplexReceiver<Incoming>,
-    sh: Arc<Shared>,
-) -> Outcome {
-    let mut o = Outcome { id, room, ..Outcome::default() };
-    let mut end_code = None;
-    loop {
-        match rx.next().await {
-            Some(Ok(inc)) => handle(&mut o, &sh, replay, inc),
-            Some(Err(e)) => {
-                let code = error_code(&e);
-                end_code = Some(code);
-                if !sh.teardown.load(Ordering::Relaxed) {
-                    sh.end_messages.lock().entry(code).or_insert_with(|| e.to_string());
-                }
-                break;
-            }
-            None => break,
-        }
-    }
-    o.end_code = end_code;
+/// Records the end of member `o`'s stream with status `code` (`None` = OK).
+pub fn end_member(o: &mut Outcome, sh: &Shared, code: Option<i32>, message: Option<String>) {
+    o.end_code = code;
     if !sh.teardown.load(Ordering::Relaxed) {
-        *sh.end_codes.lock().entry(end_code.unwrap_or(0)).or_insert(0) += 1;
+        if let (Some(c), Some(m)) = (code, message) {
+            sh.end_messages.lock().entry(c).or_insert(m);
+        }
+        *sh.end_codes.lock().entry(code.unwrap_or(0)).or_insert(0) += 1;
         if o.welcomed {
             o.cut_off = true;
             sh.cut_off.fetch_add(1, Ordering::Relaxed);
@@ -250,7 +233,31 @@ async fn member_loop(
         }
     }
     sh.ended.fetch_add(1, Ordering::Release);
+}
+
+async fn member_loop(
+    id: usize,
+    room: usize,
+    replay: bool,
+    mut rx: ClientDuplexReceiver<Incoming>,
+    sh: Arc<Shared>,
+) -> Outcome {
+    let mut o = Outcome { id, room, ..Outcome::default() };
+    let (code, message) = loop {
+        match rx.next().await {
+            Some(Ok(inc)) => handle(&mut o, &sh, replay, inc),
+            Some(Err(e)) => break (Some(error_code(&e)), Some(e.to_string())),
+            None => break (None, None),
+        }
+    };
+    end_member(&mut o, &sh, code, message);
     o
+}
+
+/// The sending side of a member's stream.
+pub enum Tx {
+    Grpc(ClientDuplexSender<pb::ClientFrame>),
+    H2(StreamTx),
 }
 
 /// The members of one run and their streams.
@@ -258,8 +265,10 @@ pub struct Swarm {
     pub shared: Arc<Shared>,
     pub members: Vec<MemberSpec>,
     pub rooms: Vec<String>,
-    senders: Vec<Option<ClientDuplexSender<pb::ClientFrame>>>,
+    senders: Vec<Option<Tx>>,
     drivers: Vec<JoinHandle<Vec<Outcome>>>,
+    /// The HTTP/2 connections of members that do not use grpcio.
+    h2: Option<H2Conns>,
     /// Receive loops running on completion-queue threads, and where they report.
     spawned: (usize, Receiver<Outcome>),
 }
@@ -299,15 +308,38 @@ impl Swarm {
         drivers: usize,
         replay: bool,
     ) -> Swarm {
+        Swarm::open_mixed(conns, None, |_| true, rooms, members, drivers, replay)
+    }
+
+    /// Like [`Swarm::open`], but with `h2` the members for which `grpc(i)` is false use
+    /// the bench's own HTTP/2 client instead of grpcio (and cannot be publishers).
+    pub fn open_mixed(
+        conns: &Conns,
+        mut h2: Option<H2Conns>,
+        grpc: impl Fn(usize) -> bool,
+        rooms: Vec<String>,
+        members: Vec<MemberSpec>,
+        drivers: usize,
+        replay: bool,
+    ) -> Swarm {
         let shared = Arc::new(Shared::new(members.len(), rooms.len()));
         let parts_n = drivers.clamp(1, members.len().max(1));
         let mut parts: Vec<Vec<_>> = (0..parts_n).map(|_| Vec::new()).collect();
         let mut senders = Vec::with_capacity(members.len());
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let mut spawned = 0;
+        if let Some(h2) = h2.as_mut() {
+            h2.start(&shared, replay);
+        }
         for (i, m) in members.iter().enumerate() {
+            if let Some(h2) = h2.as_ref().filter(|_| !grpc(i)) {
+                senders.push(Some(Tx::H2(h2.stream(i, m.room))));
+                continue;
+            }
             match conns.open_chat(i) {
                 Ok((tx, rx)) if drivers == 0 => {
-                    senders.push(Some(tx));
+                    senders.push(Some(Tx::Grpc(tx)));
+                    spawned += 1;
                     let (sh, done, room) = (shared.clone(), done_tx.clone(), m.room);
                     // Never blocks: the loop only awaits the stream and updates counters.
                     conns.client(i).spawn(async move {
@@ -315,7 +347,7 @@ impl Swarm {
                     });
                 }
                 Ok((tx, rx)) => {
-                    senders.push(Some(tx));
+                    senders.push(Some(Tx::Grpc(tx)));
                     parts[i % parts_n].push((i, m.room, rx));
                 }
                 Err(_) => {
@@ -326,13 +358,13 @@ impl Swarm {
                 }
             }
         }
-        let handles = if drivers == 0 {
-            Vec::new()
-        } else {
-            parts.into_iter().enumerate().map(|(d, part)| spawn_driver(d, part, replay, &shared)).collect()
-        };
-        let spawned = if drivers == 0 { members.len() - shared.refused.load(Ordering::Relaxed) } else { 0 };
-        Swarm { shared, members, rooms, senders, drivers: handles, spawned: (spawned, done_rx) }
+        let handles = parts
+            .into_iter()
+            .enumerate()
+            .filter(|(_, part)| !part.is_empty())
+            .map(|(d, part)| spawn_driver(d, part, replay, &shared))
+            .collect();
+        Swarm { shared, members, rooms, senders, drivers: handles, h2, spawned: (spawned, done_rx) }
     }
 
     /// Sends `frame(i)` on every stream that has one, `window` at a time.
@@ -345,7 +377,7 @@ impl Swarm {
                 while pending.len() < window && idx < n {
                     let i = idx;
                     idx += 1;
-                    let (Some(f), Some(mut tx)) = (frame(i), self.senders[i].take()) else {
+                    let (Some(f), Some(tx)) = (frame(i), self.senders[i].take()) else {
                         continue;
                     };
                     // The first frame of a stream is its hello: remember when it left.
@@ -355,10 +387,18 @@ impl Swarm {
                         Ordering::Relaxed,
                         Ordering::Relaxed,
                     );
-                    pending.push(async move {
-                        let r = tx.send((f, WriteFlags::default())).await;
-                        (i, tx, r)
-                    });
+                    match tx {
+                        Tx::Grpc(mut tx) => pending.push(async move {
+                            let r = tx.send((f, WriteFlags::default())).await;
+                            (i, Tx::Grpc(tx), r.is_ok())
+                        }),
+                        // A blocking write of a few bytes; a failure shows as the stream's end.
+                        Tx::H2(mut tx) => {
+                            if tx.send(&f).is_ok() {
+                                self.senders[i] = Some(Tx::H2(tx));
+                            }
+                        }
+                    }
                 }
                 match pending.next().await {
                     Some((i, tx, _result)) => self.senders[i] = Some(tx),
@@ -415,12 +455,18 @@ impl Swarm {
 
     /// Takes member `i`'s sending side (for a publisher).
     pub fn take_sender(&mut self, i: usize) -> Option<ClientDuplexSender<pb::ClientFrame>> {
-        self.senders[i].take()
+        match self.senders[i].take() {
+            Some(Tx::Grpc(tx)) => Some(tx),
+            other => {
+                self.senders[i] = other;
+                None
+            }
+        }
     }
 
     /// Gives back a sender taken with `take_sender`.
     pub fn put_sender(&mut self, i: usize, tx: ClientDuplexSender<pb::ClientFrame>) {
-        self.senders[i] = Some(tx);
+        self.senders[i] = Some(Tx::Grpc(tx));
     }
 
     /// Members currently welcomed in each room.
@@ -445,12 +491,18 @@ impl Swarm {
             std::thread::sleep(Duration::from_millis(5));
         }
         for tx in self.senders.iter_mut().flatten() {
-            tx.cancel();
+            match tx {
+                Tx::Grpc(tx) => tx.cancel(),
+                Tx::H2(tx) => tx.cancel(),
+            }
         }
         self.senders.clear();
         let mut all: Vec<Outcome> = Vec::with_capacity(self.members.len());
         for h in self.drivers.drain(..) {
             all.extend(h.join().expect("a receive thread panicked"));
+        }
+        if let Some(h2) = self.h2.take() {
+            all.extend(h2.close());
         }
         let (n, rx) = &self.spawned;
         for _ in 0..*n {

@@ -112,7 +112,7 @@ pub fn stamped_text(stamp_ns: u64, bytes: usize) -> String {
     s
 }
 
-fn parse_event(b: &[u8], depth: u32, out: &mut Vec<Item>) -> grpcio::Result<()> {
+pub fn parse_event(b: &[u8], depth: u32, out: &mut Vec<Item>) -> grpcio::Result<()> {
     let mut r = Rd { b };
     while !r.b.is_empty() {
         let (field, wt) = r.key()?;
