@@ -60,6 +60,9 @@ pub struct ServerConfig {
     /// about once per `open streams / writes_per_second`, on shared ticks, batching what
     /// queued meanwhile; an idle stream writes at once. See `pacer::Pacing`.
     pub writes_per_second: u32,
+    /// Threads that make the paced writes (the pacer and its helpers); each tick's
+    /// streams are shared among them.
+    pub pacer_threads: usize,
     /// Longest pacing interval, whatever the number of streams.
     pub max_write_interval: Duration,
 }
@@ -79,6 +82,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(5),
             cq_count: 1,
             writes_per_second: 35_000,
+            pacer_threads: 3,
             max_write_interval: Duration::from_millis(50),
         }
     }
@@ -114,8 +118,12 @@ impl ChatServer {
         let broker = Broker::new(config.broker.clone(), u64::from_le_bytes(seed));
         let hub = Hub::start(broker, config.queue_capacity)?;
         let limit = StreamLimit::new(config.max_streams);
-        let pacing =
-            pacer::Pacing::start(Arc::clone(&limit), config.writes_per_second, config.max_write_interval)?;
+        let pacing = pacer::Pacing::start(
+            Arc::clone(&limit),
+            config.writes_per_second,
+            config.max_write_interval,
+            config.pacer_threads,
+        )?;
         let service =
             ChatService::new(Arc::clone(&hub), Arc::clone(&limit), pacing, config.stream_stack_size).build();
         let health = HealthService::default();
