@@ -48,13 +48,23 @@ const MAX_SLEEP: Duration = Duration::from_millis(20);
 /// once instead of one per sleep, which would stretch the interval sixteenfold.
 const MIN_STEP: Duration = Duration::from_micros(250);
 
+/// What a stream's tick did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Ticked {
+    /// It started a write: keep the stream.
+    Wrote,
+    /// Its previous write is still in flight: keep the stream, and look again soon.
+    Waiting,
+    /// Let go of the stream: nothing was left to send, the call broke, or the stream's
+    /// thread took its writes back.
+    LetGo,
+}
+
 /// A stream the pacer writes for.
 pub(super) trait Paced: Send + Sync {
     /// Called on the stream's ticks (and once when it is made ready): writes what is
-    /// queued if the previous write is done. Returns false when the pacer should let go
-    /// of the stream (nothing was left to send, the call broke, or the stream's thread
-    /// took its writes back).
-    fn tick(&self) -> bool;
+    /// queued if the previous write is done.
+    fn tick(&self) -> Ticked;
 }
 
 /// Where a stream comes in the pacer's walk: with the other streams of its connection,
@@ -117,6 +127,9 @@ pub struct Pacing {
     busy: Mutex<Walk>,
     /// Idle streams to write as soon as the pacer gets to them (see [`Pacing::ready`]).
     ready: Mutex<Vec<(WriteOrder, Arc<dyn Paced>)>>,
+    /// Streams whose turn found their previous write still in flight: looked at once more
+    /// on the next tick instead of a whole interval later.
+    late: Mutex<Vec<(WriteOrder, Arc<dyn Paced>)>>,
     /// The pacer thread; whether it sleeps (then a stream made ready wakes it); and
     /// whether it sleeps for want of open streams (then a stream added wakes it too: its
     /// first tick must not wait for the end of that sleep).
@@ -160,6 +173,7 @@ impl Pacing {
             epoch: Instant::now(),
             busy: Mutex::new(Walk::default()),
             ready: Mutex::new(Vec::new()),
+            late: Mutex::new(Vec::new()),
             thread: OnceLock::new(),
             sleeping: AtomicBool::new(false),
             dormant: AtomicBool::new(false),
@@ -227,13 +241,15 @@ impl Pacing {
     /// Writes the streams made ready and puts the ones still busy in the walk.
     fn serve_ready(&self) {
         let ready = std::mem::take(&mut *self.ready.lock());
-        self.tick_and_keep(ready);
+        self.tick_and_keep(ready, true);
     }
 
     /// Serves a tick: the walk's next streams for sixteenths `parts` of the interval.
     fn serve(&self, parts: &Range<usize>) {
         // Out of the walk while they are written: a stream let go (idle) and at once
         // handed back by the thread that queued its next event stays in it.
+        let late = std::mem::take(&mut *self.late.lock());
+        self.tick_and_keep(late, false);
         let taken = self.busy.lock().take(parts);
         let helpers = self.helpers.get().map_or(&[][..], Vec::as_slice);
         let mut runs = split(taken, helpers.len() + 1).into_iter();
@@ -244,15 +260,30 @@ impl Pacing {
                 let _ = helper.send(run);
             }
         }
-        self.tick_and_keep(own);
+        self.tick_and_keep(own, true);
     }
 
-    fn tick_and_keep(&self, streams: Vec<(WriteOrder, Arc<dyn Paced>)>) {
+    /// Ticks `streams` and puts back the ones still busy: in the walk, or, with
+    /// `first_look` and a write still in flight, in the list for the next tick. (A stream
+    /// whose client does not read is thus looked at twice per interval, not every tick.)
+    fn tick_and_keep(&self, streams: Vec<(WriteOrder, Arc<dyn Paced>)>, first_look: bool) {
         if streams.is_empty() {
             return;
         }
-        let kept: Vec<_> = streams.into_iter().filter(|(_, stream)| stream.tick()).collect();
+        let mut late = Vec::new();
+        let mut kept = Vec::with_capacity(streams.len());
+        for (order, stream) in streams {
+            match stream.tick() {
+                Ticked::Wrote => kept.push((order, stream)),
+                Ticked::Waiting if first_look => late.push((order, stream)),
+                Ticked::Waiting => kept.push((order, stream)),
+                Ticked::LetGo => {}
+            }
+        }
         self.busy.lock().streams.extend(kept);
+        if !late.is_empty() {
+            self.late.lock().extend(late);
+        }
     }
 
     /// Says the pacer is about to sleep; false if a stream made ready waits for it.
@@ -304,7 +335,7 @@ fn run(pacing: Weak<Pacing>) {
 fn help(pacing: Weak<Pacing>, runs: Receiver<Batch>) {
     while let Ok(run) = runs.recv() {
         let Some(p) = pacing.upgrade() else { return };
-        p.tick_and_keep(run);
+        p.tick_and_keep(run, true);
     }
 }
 
@@ -358,10 +389,14 @@ mod tests {
     }
 
     impl Paced for Fake {
-        fn tick(&self) -> bool {
+        fn tick(&self) -> Ticked {
             let n = self.ticks.fetch_add(1, Ordering::SeqCst) + 1;
             let _ = self.seen.send(n);
-            n < self.busy_for
+            if n < self.busy_for {
+                Ticked::Wrote
+            } else {
+                Ticked::LetGo
+            }
         }
     }
 
@@ -373,8 +408,8 @@ mod tests {
     struct Busy;
 
     impl Paced for Busy {
-        fn tick(&self) -> bool {
-            true
+        fn tick(&self) -> Ticked {
+            Ticked::Wrote
         }
     }
 
@@ -453,6 +488,52 @@ mod tests {
         assert_eq!(tick(&mut walk, 0).first(), Some(&order(0, 1)), "and starts the next interval");
     }
 
+    /// A stream whose write stays in flight for its first `waiting` ticks.
+    struct Slow {
+        ticks: AtomicU32,
+        waiting: u32,
+    }
+
+    impl Paced for Slow {
+        fn tick(&self) -> Ticked {
+            if self.ticks.fetch_add(1, Ordering::SeqCst) < self.waiting {
+                Ticked::Waiting
+            } else {
+                Ticked::Wrote
+            }
+        }
+    }
+
+    #[test]
+    fn a_stream_still_writing_at_its_turn_is_looked_at_again_on_the_next_tick_only() {
+        // Unpaced, so no thread runs: the test serves the ticks itself.
+        let pacing = Pacing::start(StreamLimit::new(10), 0, 50 * MS, 1).expect("no thread to start");
+        let late_once = Arc::new(Slow { ticks: AtomicU32::new(0), waiting: 1 });
+        let stuck = Arc::new(Slow { ticks: AtomicU32::new(0), waiting: u32::MAX });
+        pacing.add(order(0, 0), Arc::clone(&late_once) as Arc<dyn Paced>);
+        pacing.add(order(0, 1), Arc::clone(&stuck) as Arc<dyn Paced>);
+        for id in 2..16 {
+            pacing.add(order(0, id), Arc::new(Busy));
+        }
+        let ticks = |s: &Arc<Slow>| s.ticks.load(Ordering::SeqCst);
+        // 16 streams: each tick takes one, in order.
+        pacing.serve(&(0..1));
+        assert_eq!(ticks(&late_once), 1, "its turn: still in flight");
+        pacing.serve(&(1..2));
+        assert_eq!(ticks(&late_once), 2, "looked at again on the next tick, and written");
+        assert_eq!(ticks(&stuck), 1, "its turn: still in flight");
+        pacing.serve(&(2..3));
+        assert_eq!(ticks(&stuck), 2, "looked at again on the next tick");
+        for part in 3..16 {
+            pacing.serve(&(part..part + 1));
+        }
+        assert_eq!((ticks(&late_once), ticks(&stuck)), (2, 2), "neither is looked at again before its turn");
+        pacing.serve(&(0..1));
+        pacing.serve(&(1..2));
+        assert_eq!((ticks(&late_once), ticks(&stuck)), (3, 3), "the next interval: once more each");
+        assert_eq!(pacing.busy.lock().streams.len() + pacing.late.lock().len(), 16, "no stream lost");
+    }
+
     #[test]
     fn a_tick_is_cut_into_even_runs_in_walk_order() {
         for (len, n) in [(10, 3), (2, 3), (0, 3), (7, 1), (16, 4)] {
@@ -475,10 +556,14 @@ mod tests {
     }
 
     impl Paced for Named {
-        fn tick(&self) -> bool {
+        fn tick(&self) -> Ticked {
             let name = thread::current().name().unwrap_or("?").to_string();
             let _ = self.seen.send(name);
-            self.ticks.fetch_add(1, Ordering::SeqCst) + 1 < 5
+            if self.ticks.fetch_add(1, Ordering::SeqCst) + 1 < 5 {
+                Ticked::Wrote
+            } else {
+                Ticked::LetGo
+            }
         }
     }
 

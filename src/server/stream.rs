@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 
 use super::encode::{self, Batcher, Encoded};
 use super::hub::{self, Hub, IdleWriter, Queued, StreamShared, MAX_BATCH_BYTES};
-use super::pacer::{Paced, Pacing, WriteOrder};
+use super::pacer::{Paced, Pacing, Ticked, WriteOrder};
 use crate::core::{Close, Input, Message, Token};
 use crate::pb;
 use crate::pb::client_frame::Frame;
@@ -199,18 +199,19 @@ impl<S> Writer<S> {
 }
 
 impl<S: EventSink> Paced for Writer<S> {
-    fn tick(&self) -> bool {
+    fn tick(&self) -> Ticked {
         let mut st = self.state.lock();
         if st.own_writes {
-            return false;
+            return Ticked::LetGo;
         }
         // Nobody is woken by the completion: the next tick looks again.
         match self.step(&mut st, &mut Context::from_waker(Waker::noop())) {
-            Step::Wrote | Step::InFlight => true,
+            Step::Wrote => Ticked::Wrote,
+            Step::InFlight => Ticked::Waiting,
             Step::Broken => {
                 drop(st);
                 self.shared.thread().unpark();
-                false
+                Ticked::LetGo
             }
             Step::Empty => {
                 // Idle: whoever queues the next event writes it; if one came in
@@ -220,7 +221,7 @@ impl<S: EventSink> Paced for Writer<S> {
                 if !self.drained() {
                     self.shared.wake();
                 }
-                false
+                Ticked::LetGo
             }
         }
     }
