@@ -77,9 +77,9 @@ struct Args {
     #[arg(long, default_value_t = 35_000)]
     writes_per_second: u32,
     /// Threads that make the paced writes. One makes about 60 k writes/s on a 2-core
-    /// machine; more share each tick's writes (and C-core merges concurrent writes to one
-    /// connection into fewer `sendmsg`s).
-    #[arg(long, default_value_t = 3)]
+    /// machine; more share each tick's writes, for a larger --writes-per-second on a server
+    /// with cores to spare (on cores the clients also need, they cost more than they give).
+    #[arg(long, default_value_t = 1)]
     pacer_threads: usize,
     /// Longest pause between two writes of a busy stream, in milliseconds.
     #[arg(long, default_value_t = 50)]

@@ -82,7 +82,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(5),
             cq_count: 1,
             writes_per_second: 35_000,
-            pacer_threads: 3,
+            pacer_threads: 1,
             max_write_interval: Duration::from_millis(50),
         }
     }
