@@ -131,7 +131,7 @@ impl Global {
 pub enum Receivers {
     /// grpcio, like every other client of the bench.
     Grpcio,
-    /// The bench's minimal HTTP/2 client (plain text, one reader thread per connection).
+    /// The bench's minimal HTTP/2 client (plain text, sockets drained by poller threads).
     H2,
 }
 

@@ -97,7 +97,7 @@ impl Walk {
     /// as many as lie between `n × start / 16` and `n × end / 16`, so that each of them is
     /// taken once per interval while `n` stays the same. Each call goes on from where the
     /// last one stopped.
-    fn take(&mut self, parts: &Range<usize>) -> Vec<(WriteOrder, Arc<dyn Paced>)> {
+    fn take(&mut self, parts: &Range<usize>) -> Batch {
         let n = self.streams.len();
         let count = n * parts.end / TICKS as usize - n * parts.start / TICKS as usize;
         let mut taken = Vec::with_capacity(count);
@@ -126,10 +126,10 @@ pub struct Pacing {
     epoch: Instant,
     busy: Mutex<Walk>,
     /// Idle streams to write as soon as the pacer gets to them (see [`Pacing::ready`]).
-    ready: Mutex<Vec<(WriteOrder, Arc<dyn Paced>)>>,
+    ready: Mutex<Batch>,
     /// Streams whose turn found their previous write still in flight: looked at once more
     /// on the next tick instead of a whole interval later.
-    late: Mutex<Vec<(WriteOrder, Arc<dyn Paced>)>>,
+    late: Mutex<Batch>,
     /// The pacer thread; whether it sleeps (then a stream made ready wakes it); and
     /// whether it sleeps for want of open streams (then a stream added wakes it too: its
     /// first tick must not wait for the end of that sleep).
@@ -140,7 +140,8 @@ pub struct Pacing {
     helpers: OnceLock<Vec<Sender<Batch>>>,
 }
 
-/// Streams taken from the walk for one tick, or one thread's run of them.
+/// Streams with their places in the walk: a tick's, one thread's run of them, or those
+/// waiting for a look.
 type Batch = Vec<(WriteOrder, Arc<dyn Paced>)>;
 
 /// Cuts `taken` into `n` runs of consecutive streams, as even as can be, the longer ones
@@ -246,10 +247,10 @@ impl Pacing {
 
     /// Serves a tick: the walk's next streams for sixteenths `parts` of the interval.
     fn serve(&self, parts: &Range<usize>) {
-        // Out of the walk while they are written: a stream let go (idle) and at once
-        // handed back by the thread that queued its next event stays in it.
         let late = std::mem::take(&mut *self.late.lock());
         self.tick_and_keep(late, false);
+        // Out of the walk while they are written: a stream let go (idle) and at once
+        // handed back by the thread that queued its next event stays in it.
         let taken = self.busy.lock().take(parts);
         let helpers = self.helpers.get().map_or(&[][..], Vec::as_slice);
         let mut runs = split(taken, helpers.len() + 1).into_iter();
@@ -266,7 +267,7 @@ impl Pacing {
     /// Ticks `streams` and puts back the ones still busy: in the walk, or, with
     /// `first_look` and a write still in flight, in the list for the next tick. (A stream
     /// whose client does not read is thus looked at twice per interval, not every tick.)
-    fn tick_and_keep(&self, streams: Vec<(WriteOrder, Arc<dyn Paced>)>, first_look: bool) {
+    fn tick_and_keep(&self, streams: Batch, first_look: bool) {
         if streams.is_empty() {
             return;
         }

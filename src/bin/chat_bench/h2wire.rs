@@ -1,5 +1,5 @@
-//! A minimal HTTP/2 client for receiving members: plain-text gRPC over a blocking
-//! socket, one reader thread per connection, no gRPC library in the receive path.
+//! A minimal HTTP/2 client for receiving members: plain-text gRPC over non-blocking
+//! sockets that a few poller threads drain, no gRPC library in the receive path.
 //!
 //! The grpcio client spends about as much CPU per received message as the server
 //! spends sending it, and on a machine where the load generator shares the server's
