@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use grpc_chat::core::{BrokerConfig, Limits, RateLimit};
-use grpc_chat::server::{ChatServer, ServerConfig};
+use grpc_chat::server::{ChatServer, ServerConfig, WriteBudget};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -70,16 +70,16 @@ struct Args {
     /// Seconds shutdown waits for streams to take their notice.
     #[arg(long, default_value_t = 5.0)]
     shutdown_grace: f64,
-    /// Ceiling on writes per second over all streams (0 = unpaced): a busy stream writes
-    /// about once per (open streams / this), on shared ticks, batching what queued
-    /// meanwhile; an idle stream writes at once. Fewer, larger writes trade a little
-    /// latency for much more fan-out.
-    #[arg(long, default_value_t = 35_000)]
-    writes_per_second: u32,
-    /// Threads that make the paced writes. One makes about 60 k writes/s on a 2-core
-    /// machine; more share each tick's writes, for a larger --writes-per-second on a server
-    /// with cores to spare (on cores the clients also need, they cost more than they give).
-    #[arg(long, default_value_t = 1)]
+    /// Writes per second over all streams: N (fixed; 0 = unpaced) or MIN..MAX, a range
+    /// the budget moves in with the machine's load (up while its CPUs are under 70 % busy,
+    /// down while over 80 %). A busy stream writes about once per (open streams / budget),
+    /// on shared ticks, batching what queued meanwhile; an idle stream writes at once.
+    /// Fewer, larger writes trade a little latency for much more fan-out.
+    #[arg(long, default_value_t = WriteBudget::default())]
+    writes_per_second: WriteBudget,
+    /// Most threads that make the paced writes: one per 40 k writes/s of the budget begun
+    /// (one thread makes about 60 k writes/s on a 2-core machine).
+    #[arg(long, default_value_t = 3)]
     pacer_threads: usize,
     /// Longest pause between two writes of a busy stream, in milliseconds.
     #[arg(long, default_value_t = 50)]

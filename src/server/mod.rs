@@ -7,7 +7,11 @@
 //! - [`service`]: method descriptors and handlers (never blocking a completion queue).
 //! - [`encode`]: the only file naming both core and protobuf types; each event is
 //!   encoded once and the same bytes go to every recipient.
+//! - [`pacer`]: the thread(s) that write for busy streams, about once an interval each,
+//!   batching what queued meanwhile; [`budget`]: how many writes per second that may be,
+//!   moving with the machine's load.
 
+pub mod budget;
 pub mod encode;
 pub mod hub;
 pub mod pacer;
@@ -23,6 +27,7 @@ use grpcio_health::HealthService;
 use log::{info, warn};
 
 use crate::core::{Broker, BrokerConfig, Input};
+pub use budget::WriteBudget;
 use hub::Hub;
 use service::{ChatService, StreamLimit};
 
@@ -56,12 +61,13 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Number of grpcio completion-queue threads.
     pub cq_count: usize,
-    /// Ceiling on writes per second over all streams (0 = unpaced). A busy stream writes
-    /// about once per `open streams / writes_per_second`, on shared ticks, batching what
-    /// queued meanwhile; an idle stream writes at once. See `pacer::Pacing`.
-    pub writes_per_second: u32,
-    /// Threads that make the paced writes (the pacer and its helpers); each tick's
-    /// streams are shared among them.
+    /// Writes per second over all streams (0 = unpaced), fixed or moving in a range with
+    /// the machine's load (see [`budget`]). A busy stream writes about once per `open
+    /// streams / writes per second`, on shared ticks, batching what queued meanwhile; an
+    /// idle stream writes at once. See `pacer::Pacing`.
+    pub writes_per_second: WriteBudget,
+    /// Most threads that make the paced writes (the pacer and its helpers); each tick's
+    /// streams are shared among one per [`budget::WRITES_PER_THREAD`] of the budget.
     pub pacer_threads: usize,
     /// Longest pacing interval, whatever the number of streams.
     pub max_write_interval: Duration,
@@ -81,8 +87,8 @@ impl Default for ServerConfig {
             min_client_ping_interval: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
             cq_count: 1,
-            writes_per_second: 35_000,
-            pacer_threads: 1,
+            writes_per_second: WriteBudget::default(),
+            pacer_threads: 3,
             max_write_interval: Duration::from_millis(50),
         }
     }

@@ -7,11 +7,14 @@
 //! often puts several of those writes into one `sendmsg`, and the client reads them with
 //! one wake-up (see BENCHMARKS.md).
 //!
-//! With `threads` above 1, each tick's streams are cut into that many runs, in walk
-//! order, and helper threads write all runs but the first at the same time as the pacer
-//! thread. One thread tops out at about 60 k writes/s on this machine (C-core's write path
-//! and a completion-queue wake-up per write); three reach the 100 k that a 15 ms p99 at
-//! 500 k deliveries/s needs, and concurrent writes to one connection share `sendmsg`s.
+//! The budget of writes per second may move with the machine's load (see [`budget`]); the
+//! pacer thread looks at it every [`budget::SAMPLE`]. With `threads` above 1 and a budget
+//! above [`budget::WRITES_PER_THREAD`], each tick's streams are cut into runs, one per
+//! that many writes/s, in walk order, and helper threads write all runs but the first at
+//! the same time as the pacer thread. One thread tops out at about 60 k writes/s on this
+//! machine (C-core's write path and a completion-queue wake-up per write); three reach
+//! the 100 k that a 15 ms p99 at 500 k deliveries/s needs, and concurrent writes to one
+//! connection share `sendmsg`s.
 //!
 //! Each gRPC write costs a C-core operation and a `sendmsg`; when every busy stream's
 //! thread woke up to make its own write, the wake-up cost as much again. One thread
@@ -24,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, BuildHasherDefault};
 use std::ops::{Bound, Range};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
@@ -32,6 +35,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
+use super::budget::{self, CpuTimes, Governor, WriteBudget};
 use super::service::StreamLimit;
 use crate::core::ConnId;
 
@@ -117,10 +121,12 @@ impl Walk {
 }
 
 /// The write budget and the pacer's walk. `interval()` grows with the number of open
-/// streams so that all of them together stay near `writes_per_second`.
+/// streams so that all of them together stay near the budget's writes per second.
 pub struct Pacing {
     streams: Arc<StreamLimit>,
-    per_stream: Duration,
+    budget: WriteBudget,
+    /// Writes per second allowed now (moved by the pacer thread's [`Governor`]).
+    writes_per_second: AtomicU32,
     max: Duration,
     /// Where the tick grid starts.
     epoch: Instant,
@@ -155,21 +161,20 @@ fn split(mut taken: Batch, n: usize) -> Vec<Batch> {
 }
 
 impl Pacing {
-    /// Pacing for the streams counted by `streams`: at most `writes_per_second` writes in
-    /// total, and never an interval above `max`, written by `threads` threads. With
-    /// `writes_per_second` 0 nothing is paced (every stream writes as fast as its client
-    /// reads) and no thread is started.
+    /// Pacing for the streams counted by `streams`: at most `budget` writes per second in
+    /// total, and never an interval above `max`, written by up to `threads` threads. With
+    /// a budget of 0 nothing is paced (every stream writes as fast as its client reads)
+    /// and no thread is started.
     pub fn start(
         streams: Arc<StreamLimit>,
-        writes_per_second: u32,
+        budget: WriteBudget,
         max: Duration,
         threads: usize,
     ) -> std::io::Result<Arc<Pacing>> {
-        let per_stream =
-            if writes_per_second == 0 { Duration::ZERO } else { Duration::from_secs(1) / writes_per_second };
         let pacing = Arc::new(Pacing {
             streams,
-            per_stream,
+            budget,
+            writes_per_second: AtomicU32::new(budget.min),
             max,
             epoch: Instant::now(),
             busy: Mutex::new(Walk::default()),
@@ -204,13 +209,22 @@ impl Pacing {
 
     /// True if busy streams are paced.
     pub fn enabled(&self) -> bool {
-        !self.per_stream.is_zero()
+        self.budget.max > 0
+    }
+
+    /// Writes per second over all streams allowed now.
+    pub fn writes_per_second(&self) -> u32 {
+        self.writes_per_second.load(Ordering::Relaxed)
     }
 
     /// The time between two writes of a busy stream, now.
     pub fn interval(&self) -> Duration {
+        let writes = self.writes_per_second();
+        if writes == 0 {
+            return Duration::ZERO;
+        }
         let open = u32::try_from(self.streams.open()).unwrap_or(u32::MAX);
-        self.per_stream.saturating_mul(open).min(self.max)
+        (Duration::from_secs(1) / writes).saturating_mul(open).min(self.max)
     }
 
     /// Hands a stream that has just written to the pacer: it writes for it about once an
@@ -253,7 +267,8 @@ impl Pacing {
         // handed back by the thread that queued its next event stays in it.
         let taken = self.busy.lock().take(parts);
         let helpers = self.helpers.get().map_or(&[][..], Vec::as_slice);
-        let mut runs = split(taken, helpers.len() + 1).into_iter();
+        let threads = budget::threads_for(self.writes_per_second(), helpers.len() + 1);
+        let mut runs = split(taken, threads).into_iter();
         let own = runs.next().unwrap_or_default();
         for (helper, run) in helpers.iter().zip(runs) {
             if !run.is_empty() {
@@ -294,16 +309,27 @@ impl Pacing {
     }
 }
 
-/// The pacer thread: writes the streams made ready, and serves the ticks in turn, until
-/// the `Pacing` is dropped.
+/// The pacer thread: writes the streams made ready, serves the ticks in turn, and moves
+/// the budget with the machine's load, until the `Pacing` is dropped.
 fn run(pacing: Weak<Pacing>) {
     let mut last: Option<Instant> = None;
+    let mut governor: Option<Governor> = None;
+    let mut next_sample = Instant::now();
     loop {
         let Some(p) = pacing.upgrade() else { return };
         p.sleeping.store(false, Ordering::SeqCst);
         p.dormant.store(false, Ordering::SeqCst);
         p.serve_ready();
         let now = Instant::now();
+        if p.budget.adapts() && now >= next_sample {
+            next_sample = now + budget::SAMPLE;
+            if let Some(times) = CpuTimes::read() {
+                let writes = governor.get_or_insert_with(|| Governor::new(p.budget)).handle_sample(times);
+                if writes != p.writes_per_second.swap(writes, Ordering::Relaxed) {
+                    log::trace!("pacer: {writes} writes/s");
+                }
+            }
+        }
         let sleep = match next_tick(p.epoch, last, now, p.interval()) {
             Some(Tick { at, parts }) if at <= now => {
                 p.serve(&parts);
@@ -508,7 +534,8 @@ mod tests {
     #[test]
     fn a_stream_still_writing_at_its_turn_is_looked_at_again_on_the_next_tick_only() {
         // Unpaced, so no thread runs: the test serves the ticks itself.
-        let pacing = Pacing::start(StreamLimit::new(10), 0, 50 * MS, 1).expect("no thread to start");
+        let pacing = Pacing::start(StreamLimit::new(10), WriteBudget::fixed(0), 50 * MS, 1)
+            .expect("no thread to start");
         let late_once = Arc::new(Slow { ticks: AtomicU32::new(0), waiting: 1 });
         let stuck = Arc::new(Slow { ticks: AtomicU32::new(0), waiting: u32::MAX });
         pacing.add(order(0, 0), Arc::clone(&late_once) as Arc<dyn Paced>);
@@ -572,7 +599,9 @@ mod tests {
     fn helper_threads_share_the_ticks_and_every_stream_gets_all_of_its_own() {
         let streams = StreamLimit::new(10);
         let _open = streams.acquire().expect("room for a stream");
-        let pacing = Pacing::start(streams, 1000, 50 * MS, 3).expect("the pacer threads start");
+        // 100 k writes/s: enough for all three threads (one per 40 k begun).
+        let pacing =
+            Pacing::start(streams, WriteBudget::fixed(100_000), 50 * MS, 3).expect("the pacer threads start");
         let (seen, names) = crossbeam_channel::unbounded();
         let fakes: Vec<_> =
             (0..30).map(|_| Arc::new(Named { ticks: AtomicU32::new(0), seen: seen.clone() })).collect();
@@ -594,7 +623,8 @@ mod tests {
     fn a_ready_stream_is_written_then_ticked_until_it_has_nothing_to_send() {
         let streams = StreamLimit::new(10);
         let _open = streams.acquire().expect("room for a stream");
-        let pacing = Pacing::start(streams, 1000, 50 * MS, 1).expect("the pacer thread starts");
+        let pacing =
+            Pacing::start(streams, WriteBudget::fixed(1000), 50 * MS, 1).expect("the pacer thread starts");
         let wait = Duration::from_secs(10);
         for conn in [1, 2, 7] {
             let (seen, ticks) = crossbeam_channel::unbounded();

@@ -1,0 +1,292 @@
+//! The pacer's write budget: how many writes per second all streams together may make.
+//!
+//! A budget is a fixed number, or a range (the default) in which the pacer moves with the
+//! machine's load: every [`SAMPLE`] it reads how busy the machine's CPUs were since the
+//! last look (`/proc/stat`), and raises the budget by a sixteenth while they were under
+//! [`RAISE_BELOW`] percent busy on average, or cuts it by an eighth while they were over
+//! [`CUT_ABOVE`] (the average halves the weight of each older sample, so that the budget
+//! does not swing with every sample). More writes carry fewer events each, so a server
+//! with cores to spare spends them on latency (a shorter interval), and a busy machine
+//! gets batches large enough to keep up. A sample over [`SATURATED`] cuts a quarter at
+//! once: a burst after a quiet spell finds the budget at its highest, and must not fall
+//! behind while it comes down. Measured in BENCHMARKS.md ("An adaptive write budget").
+//! Where the CPU times cannot be read the budget stays at its lowest.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// How often the budget is looked at.
+pub const SAMPLE: Duration = Duration::from_millis(100);
+
+/// Average busy share of the machine's CPU time (percent) under which the budget rises.
+pub const RAISE_BELOW: u64 = 70;
+
+/// Average busy share of the machine's CPU time (percent) over which the budget is cut.
+pub const CUT_ABOVE: u64 = 80;
+
+/// Busy share (percent) in one sample over which the budget is cut by a quarter at once.
+pub const SATURATED: u64 = 90;
+
+/// Writes per second one pacer thread is given before a tick's streams are shared with a
+/// helper thread (one thread tops out at about 60 k on a 2-core machine).
+pub const WRITES_PER_THREAD: u32 = 40_000;
+
+/// Writes per second over all streams: `min == max` is a fixed budget, `0` no pacing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteBudget {
+    /// Where the budget starts, and the least it is cut to.
+    pub min: u32,
+    /// The most it is raised to.
+    pub max: u32,
+}
+
+impl WriteBudget {
+    /// A budget that does not move.
+    pub const fn fixed(writes_per_second: u32) -> WriteBudget {
+        WriteBudget { min: writes_per_second, max: writes_per_second }
+    }
+
+    /// True if the budget moves with the machine's load.
+    pub fn adapts(&self) -> bool {
+        self.min < self.max
+    }
+}
+
+impl Default for WriteBudget {
+    fn default() -> Self {
+        WriteBudget { min: 35_000, max: 100_000 }
+    }
+}
+
+impl fmt::Display for WriteBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.adapts() {
+            write!(f, "{}..{}", self.min, self.max)
+        } else {
+            write!(f, "{}", self.min)
+        }
+    }
+}
+
+impl FromStr for WriteBudget {
+    type Err = String;
+
+    /// `N` (fixed; 0 = unpaced) or `MIN..MAX`, with `0 < MIN <= MAX`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let number = |n: &str| n.trim().parse::<u32>().map_err(|e| format!("{n:?}: {e}"));
+        match s.split_once("..") {
+            None => Ok(WriteBudget::fixed(number(s)?)),
+            Some((min, max)) => {
+                let budget = WriteBudget { min: number(min)?, max: number(max)? };
+                if budget.min == 0 || budget.min > budget.max {
+                    return Err(format!("{s:?}: a range needs 0 < MIN <= MAX"));
+                }
+                Ok(budget)
+            }
+        }
+    }
+}
+
+/// How many threads share a tick's writes at `writes_per_second`, of `threads` there are:
+/// one per [`WRITES_PER_THREAD`] begun.
+pub fn threads_for(writes_per_second: u32, threads: usize) -> usize {
+    let wanted = writes_per_second.div_ceil(WRITES_PER_THREAD).max(1);
+    usize::try_from(wanted).unwrap_or(usize::MAX).min(threads.max(1))
+}
+
+/// The machine's CPU time so far, in clock ticks over all CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuTimes {
+    /// Time spent running anything (user, system, interrupts, stolen by a hypervisor).
+    pub busy: u64,
+    /// Busy plus idle time.
+    pub total: u64,
+}
+
+impl CpuTimes {
+    /// Parses the summary line of `/proc/stat`: `cpu user nice system idle iowait irq
+    /// softirq steal ...` (guest time is already counted in user).
+    pub fn parse(line: &str) -> Option<CpuTimes> {
+        let mut fields = line.split_ascii_whitespace();
+        if fields.next()? != "cpu" {
+            return None;
+        }
+        let n: Vec<u64> = fields.take(8).map(str::parse).collect::<Result<_, _>>().ok()?;
+        let [user, nice, system, idle, iowait, irq, softirq, steal] = n[..] else {
+            return None;
+        };
+        let busy = user + nice + system + irq + softirq + steal;
+        Some(CpuTimes { busy, total: busy + idle + iowait })
+    }
+
+    /// Reads this machine's CPU times; `None` where there is no `/proc/stat`.
+    pub fn read() -> Option<CpuTimes> {
+        use std::io::BufRead;
+        let file = std::fs::File::open("/proc/stat").ok()?;
+        let mut line = String::new();
+        std::io::BufReader::new(file).read_line(&mut line).ok()?;
+        CpuTimes::parse(&line)
+    }
+}
+
+/// Moves a budget with the machine's load, one sample at a time (no clock, no I/O: the
+/// pacer thread feeds it what [`CpuTimes::read`] saw every [`SAMPLE`]).
+#[derive(Debug)]
+pub struct Governor {
+    budget: WriteBudget,
+    now: u32,
+    last: Option<CpuTimes>,
+    /// Busy percent, each sample averaged with the average before it.
+    average: Option<u64>,
+}
+
+impl Governor {
+    /// A governor at the budget's lowest.
+    pub fn new(budget: WriteBudget) -> Governor {
+        Governor { budget, now: budget.min, last: None, average: None }
+    }
+
+    /// Writes per second allowed now.
+    pub fn writes_per_second(&self) -> u32 {
+        self.now
+    }
+
+    /// Takes the CPU times seen now and returns the budget until the next sample: cut by
+    /// a quarter if the CPUs were over [`SATURATED`] percent busy since the last sample;
+    /// else raised by a sixteenth if their average is under [`RAISE_BELOW`], cut by an
+    /// eighth if over [`CUT_ABOVE`], the same otherwise (and on the first sample, or when
+    /// the counters did not move).
+    pub fn handle_sample(&mut self, times: CpuTimes) -> u32 {
+        let Some(last) = self.last.replace(times) else { return self.now };
+        let total = times.total.saturating_sub(last.total);
+        let busy = times.busy.saturating_sub(last.busy);
+        if total == 0 {
+            return self.now;
+        }
+        let percent = busy * 100 / total;
+        let average = self.average.map_or(percent, |a| (a + percent) / 2);
+        self.average = Some(average);
+        let now = u64::from(self.now);
+        let next = if percent > SATURATED {
+            now - now / 4
+        } else if average > CUT_ABOVE {
+            now - now / 8
+        } else if average < RAISE_BELOW {
+            now + now / 16
+        } else {
+            now
+        };
+        let (min, max) = (u64::from(self.budget.min), u64::from(self.budget.max));
+        self.now = u32::try_from(next.clamp(min, max)).expect("clamped to a u32 range");
+        self.now
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_parse_as_a_number_or_a_range() {
+        assert_eq!("35000".parse(), Ok(WriteBudget::fixed(35_000)));
+        assert_eq!("0".parse(), Ok(WriteBudget::fixed(0)));
+        assert_eq!("35000..100000".parse(), Ok(WriteBudget { min: 35_000, max: 100_000 }));
+        assert_eq!("5..5".parse::<WriteBudget>().map(|b| b.adapts()), Ok(false));
+        for bad in ["", "x", "100..50", "0..10", "10..", "-5", "1..2..3"] {
+            assert!(bad.parse::<WriteBudget>().is_err(), "{bad:?} parsed");
+        }
+        assert_eq!(WriteBudget::default().to_string(), "35000..100000");
+        assert_eq!(WriteBudget::fixed(7).to_string(), "7");
+    }
+
+    #[test]
+    fn the_proc_stat_summary_line_gives_busy_and_total_time() {
+        let line = "cpu  4710483 10 1612422 3758279 32553 5 170974 10515 7 0\n";
+        let busy = 4_710_483 + 10 + 1_612_422 + 5 + 170_974 + 10_515;
+        assert_eq!(CpuTimes::parse(line), Some(CpuTimes { busy, total: busy + 3_758_279 + 32_553 }));
+        assert_eq!(CpuTimes::parse("cpu0 1 2 3 4 5 6 7 8"), None, "a single CPU's line");
+        assert_eq!(CpuTimes::parse("cpu 1 2 3"), None, "too few fields");
+        assert_eq!(CpuTimes::parse("cpu 1 2 x 4 5 6 7 8"), None);
+    }
+
+    /// CPU times `busy_percent` busy over `ticks` more clock ticks than `last`.
+    fn after(last: CpuTimes, busy_percent: u64, ticks: u64) -> CpuTimes {
+        CpuTimes { busy: last.busy + ticks * busy_percent / 100, total: last.total + ticks }
+    }
+
+    #[test]
+    fn the_budget_rises_while_the_cpus_have_time_to_spare_and_falls_when_they_do_not() {
+        let budget = WriteBudget { min: 35_000, max: 100_000 };
+        let mut governor = Governor::new(budget);
+        let mut times = CpuTimes { busy: 1000, total: 5000 };
+        assert_eq!(governor.handle_sample(times), 35_000, "nothing to compare the first sample with");
+        let mut seen = Vec::new();
+        for _ in 0..20 {
+            times = after(times, 50, 20);
+            seen.push(governor.handle_sample(times));
+        }
+        assert_eq!(seen[..4], [37_187, 39_511, 41_980, 44_603], "up by a sixteenth");
+        assert!(seen.windows(2).all(|w| w[0] < w[1] || w[1] == 100_000), "{seen:?}");
+        assert_eq!(seen[16..], [98_083, 100_000, 100_000, 100_000], "to the most");
+        // Busier: the average (50 before) crosses 80 on the fourth sample.
+        seen.clear();
+        for _ in 0..5 {
+            times = after(times, 85, 20);
+            seen.push(governor.handle_sample(times));
+        }
+        assert_eq!(
+            seen,
+            [100_000, 100_000, 100_000, 87_500, 76_563],
+            "averages 67, 76, 80, then 82: down by an eighth"
+        );
+        // Saturated: a quarter each sample, to the least.
+        seen.clear();
+        for _ in 0..4 {
+            times = after(times, 95, 20);
+            seen.push(governor.handle_sample(times));
+        }
+        assert_eq!(seen, [57_423, 43_068, 35_000, 35_000], "down by a quarter, to the least");
+        assert_eq!(governor.handle_sample(times), 35_000, "counters that did not move change nothing");
+        assert_eq!(governor.writes_per_second(), 35_000);
+    }
+
+    #[test]
+    fn between_the_marks_the_budget_stays() {
+        let mut governor = Governor::new(WriteBudget { min: 10_000, max: 90_000 });
+        let mut times = CpuTimes { busy: 0, total: 0 };
+        governor.handle_sample(times);
+        for percent in [75, 72, 78, 75, 79, 71] {
+            times = after(times, percent, 100);
+            assert_eq!(governor.handle_sample(times), 10_000, "{percent} % busy");
+        }
+    }
+
+    #[test]
+    fn a_fixed_budget_does_not_move() {
+        let mut governor = Governor::new(WriteBudget::fixed(50_000));
+        let mut times = CpuTimes { busy: 0, total: 0 };
+        for percent in [0, 10, 100, 100, 0] {
+            times = after(times, percent, 100);
+            assert_eq!(governor.handle_sample(times), 50_000);
+        }
+    }
+
+    #[test]
+    fn one_thread_writes_per_40k_begun_up_to_the_threads_there_are() {
+        let cases =
+            [(0, 3, 1), (40_000, 3, 1), (40_001, 3, 2), (80_000, 3, 2), (100_000, 3, 3), (100_000, 2, 2)];
+        for (writes, threads, expected) in cases {
+            assert_eq!(threads_for(writes, threads), expected, "{writes} writes/s, {threads} threads");
+        }
+        assert_eq!(threads_for(1_000_000, 0), 1);
+    }
+
+    #[test]
+    fn the_cpu_times_of_this_machine_can_be_read_where_there_is_proc_stat() {
+        if std::path::Path::new("/proc/stat").exists() {
+            let times = CpuTimes::read().expect("/proc/stat has a summary line");
+            assert!(times.busy <= times.total && times.total > 0, "{times:?}");
+        }
+    }
+}
