@@ -201,7 +201,7 @@ impl Pacing {
             let handle = thread::Builder::new()
                 .name("chat-pacer".into())
                 .stack_size(256 * 1024)
-                .spawn(move || run(weak))?;
+                .spawn(move || run(weak, Governor::new(budget)))?;
             let _ = pacing.thread.set(handle.thread().clone());
         }
         Ok(pacing)
@@ -311,9 +311,8 @@ impl Pacing {
 
 /// The pacer thread: writes the streams made ready, serves the ticks in turn, and moves
 /// the budget with the machine's load, until the `Pacing` is dropped.
-fn run(pacing: Weak<Pacing>) {
+fn run(pacing: Weak<Pacing>, mut governor: Governor) {
     let mut last: Option<Instant> = None;
-    let mut governor: Option<Governor> = None;
     let mut next_sample = Instant::now();
     loop {
         let Some(p) = pacing.upgrade() else { return };
@@ -324,7 +323,7 @@ fn run(pacing: Weak<Pacing>) {
         if p.budget.adapts() && now >= next_sample {
             next_sample = now + budget::SAMPLE;
             if let Some(times) = CpuTimes::read() {
-                let writes = governor.get_or_insert_with(|| Governor::new(p.budget)).handle_sample(times);
+                let writes = governor.handle_sample(times);
                 if writes != p.writes_per_second.swap(writes, Ordering::Relaxed) {
                     log::trace!("pacer: {writes} writes/s");
                 }
