@@ -1,4 +1,5 @@
-//! The `chat-server` binary as a process: its open-files limit and its signal handling.
+//! The `chat-server` binary as a process: its open-files limit, its signal handling and its
+//! threads' scheduling.
 //! Linux only (it reads `/proc`). Waits end on events, with generous deadlines.
 
 use std::io::{BufRead, BufReader};
@@ -119,4 +120,57 @@ fn a_hard_open_files_limit_below_the_stream_limit_is_reported() {
     let warning = "open files are limited to 256 (the hard limit), below the 3024 that --max-streams 2000";
     assert!(server.startup.iter().any(|l| l.contains(warning)), "{:?}", server.startup);
     assert_eq!(server.terminate(), 0, "SIGTERM is a clean shutdown");
+}
+
+/// Scheduling policies, as `/proc/PID/task/TID/stat` gives them.
+const SCHED_OTHER: u32 = 0;
+const SCHED_BATCH: u32 = 3;
+
+/// (name, scheduling policy) of each thread of process `pid`, from `/proc`.
+fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc is readable");
+    let mut threads = Vec::new();
+    for task in tasks {
+        let dir = task.expect("a task entry").path();
+        let (Ok(name), Ok(stat)) =
+            (std::fs::read_to_string(dir.join("comm")), std::fs::read_to_string(dir.join("stat")))
+        else {
+            continue; // the thread ended between the listing and the reads
+        };
+        // After the name in parentheses come fields 3, 4, ...; the policy is field 41.
+        let (_, fields) = stat.rsplit_once(')').expect("stat names the thread in parentheses");
+        let policy = fields.split_whitespace().nth(41 - 3).expect("a policy field");
+        threads.push((name.trim().to_string(), policy.parse().expect("a number")));
+    }
+    threads
+}
+
+#[test]
+fn completion_queue_threads_run_as_sched_batch_and_stream_threads_as_normal_ones() {
+    for (args, cq_policy) in [(&[][..], SCHED_BATCH), (&["--batch-cq-threads", "false"][..], SCHED_OTHER)] {
+        let server = Server::start("-c 0", args);
+        let listening = server.startup.last().expect("the listening line");
+        let addr = listening.rsplit(' ').next().expect("an address");
+        let client = grpc_chat::client::Client::connect(addr, WAIT).expect("the server is reachable");
+        let session = client.enter("ann", "lobby").expect("ann joins");
+        // The stream's thread starts once the client's stream reaches the server.
+        let deadline = std::time::Instant::now() + WAIT;
+        let threads = loop {
+            let threads = thread_policies(server.child.id());
+            if threads.iter().any(|(name, _)| name == "chat-stream") {
+                break threads;
+            }
+            assert!(std::time::Instant::now() < deadline, "no stream thread within {WAIT:?}: {threads:?}");
+            thread::sleep(Duration::from_millis(10));
+        };
+        let policies = |prefix: &str| -> Vec<u32> {
+            threads.iter().filter(|(name, _)| name.starts_with(prefix)).map(|&(_, p)| p).collect()
+        };
+        assert!(!policies("grpc-cq").is_empty(), "{threads:?}");
+        assert!(policies("grpc-cq").iter().all(|&p| p == cq_policy), "{args:?}: {threads:?}");
+        assert!(policies("chat-stream").iter().all(|&p| p == SCHED_OTHER), "{args:?}: {threads:?}");
+        assert!(policies("chat-pacer").iter().all(|&p| p == SCHED_OTHER), "{args:?}: {threads:?}");
+        drop(session);
+        assert_eq!(server.terminate(), 0, "SIGTERM is a clean shutdown");
+    }
 }

@@ -71,6 +71,21 @@ pub struct ServerConfig {
     pub pacer_threads: usize,
     /// Longest pacing interval, whatever the number of streams.
     pub max_write_interval: Duration,
+    /// Called first on each completion-queue thread and each stream thread, with what the
+    /// thread is for: where an embedding program sets their scheduling (a stream thread is
+    /// started by a completion-queue thread and inherits its policy). `chat-server` runs
+    /// the completion-queue threads as `SCHED_BATCH` (README, "Architecture").
+    pub on_thread_start: Option<fn(ThreadRole)>,
+}
+
+/// What a thread that [`ServerConfig::on_thread_start`] is called on is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadRole {
+    /// One of grpcio's completion-queue threads: they run the gRPC handlers (which start
+    /// the stream threads) and take the completion of every read and write.
+    CompletionQueue,
+    /// A stream's thread: it reads the client's frames and routes what they say.
+    Stream,
 }
 
 impl Default for ServerConfig {
@@ -90,6 +105,7 @@ impl Default for ServerConfig {
             writes_per_second: WriteBudget::default(),
             pacer_threads: 3,
             max_write_interval: Duration::from_millis(50),
+            on_thread_start: None,
         }
     }
 }
@@ -118,7 +134,11 @@ impl ChatServer {
     /// Binds `config.listen` and starts serving `chat.v1.Chat` and `grpc.health.v1.Health`.
     pub fn start(config: ServerConfig) -> std::io::Result<ChatServer> {
         let io_err = |e: grpcio::Error| std::io::Error::other(e.to_string());
-        let env = Arc::new(EnvBuilder::new().cq_count(config.cq_count.max(1)).name_prefix("grpc-cq").build());
+        let mut env = EnvBuilder::new().cq_count(config.cq_count.max(1)).name_prefix("grpc-cq");
+        if let Some(on_start) = config.on_thread_start {
+            env = env.after_start(move || on_start(ThreadRole::CompletionQueue));
+        }
+        let env = Arc::new(env.build());
         let mut seed = [0u8; 8];
         getrandom::getrandom(&mut seed).map_err(|e| std::io::Error::other(e.to_string()))?;
         let broker = Broker::new(config.broker.clone(), u64::from_le_bytes(seed));
@@ -130,8 +150,14 @@ impl ChatServer {
             config.max_write_interval,
             config.pacer_threads,
         )?;
-        let service =
-            ChatService::new(Arc::clone(&hub), Arc::clone(&limit), pacing, config.stream_stack_size).build();
+        let service = ChatService::new(
+            Arc::clone(&hub),
+            Arc::clone(&limit),
+            pacing,
+            config.stream_stack_size,
+            config.on_thread_start,
+        )
+        .build();
         let health = HealthService::default();
         health.set_serving_status("", ServingStatus::Serving);
         health.set_serving_status("chat.v1.Chat", ServingStatus::Serving);

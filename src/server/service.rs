@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use super::encode::{self, deserialize_encoded, serialize_encoded, Encoded};
 use super::hub::{self, Caller, Hub};
 use super::pacer::{self, Pacing};
-use super::stream;
+use super::{stream, ThreadRole};
 use crate::core::{Accepted, Input, Seq};
 use crate::pb;
 
@@ -93,18 +93,21 @@ pub struct ChatService {
     limit: Arc<StreamLimit>,
     pacing: Arc<Pacing>,
     stack_size: usize,
+    on_thread_start: Option<fn(ThreadRole)>,
 }
 
 impl ChatService {
     /// A service over `hub`, with at most `limit` concurrent streams, each on a thread
-    /// with `stack_size` bytes of stack.
+    /// with `stack_size` bytes of stack that first calls `on_thread_start` (if any) with
+    /// [`ThreadRole::Stream`].
     pub fn new(
         hub: Arc<Hub>,
         limit: Arc<StreamLimit>,
         pacing: Arc<Pacing>,
         stack_size: usize,
+        on_thread_start: Option<fn(ThreadRole)>,
     ) -> ChatService {
-        ChatService { hub, limit, pacing, stack_size }
+        ChatService { hub, limit, pacing, stack_size, on_thread_start }
     }
 
     /// The grpcio service with every `chat.v1.Chat` method.
@@ -270,9 +273,13 @@ impl ChatService {
         // cannot start still leaves the call to end with a status.
         let slot = Arc::new(Mutex::new(Some(parts)));
         let taken = Arc::clone(&slot);
+        let on_start = self.on_thread_start;
         let spawned =
             thread::Builder::new().name("chat-stream".into()).stack_size(self.stack_size).spawn(move || {
                 let _permit = permit;
+                if let Some(on_start) = on_start {
+                    on_start(ThreadRole::Stream);
+                }
                 let parts = taken.lock().take();
                 if let Some(parts) = parts {
                     run(parts);
