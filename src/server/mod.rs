@@ -74,7 +74,7 @@ pub struct ServerConfig {
     /// Called first on each completion-queue thread and each stream thread, with what the
     /// thread is for: where an embedding program sets their scheduling (a stream thread is
     /// started by a completion-queue thread and inherits its policy). `chat-server` runs
-    /// the completion-queue threads as `SCHED_BATCH` (README, "Architecture").
+    /// the completion-queue threads as `SCHED_BATCH` (README, "Server flags").
     pub on_thread_start: Option<fn(ThreadRole)>,
 }
 
