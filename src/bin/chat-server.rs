@@ -208,7 +208,7 @@ fn main() -> ExitCode {
 ///
 /// Every paced write ends in a completion that C-core hands to a completion-queue thread,
 /// waking it. A normal thread woken like that may preempt the pacer thread that made the
-/// write. At 500 k deliveries/s the completion-queue thread got the CPU 17,000–27,000
+/// write. At 500 k deliveries/s the completion-queue thread got the CPU 17,000–31,000
 /// times a second, for one or a few completions each time. A `SCHED_BATCH` thread does
 /// not preempt the thread that is running when it is woken. It runs when a core comes
 /// free, and takes all the completions that queued meanwhile (11,000–12,000 times a
