@@ -153,20 +153,14 @@ fn completion_queue_threads_run_as_sched_batch_and_stream_threads_as_normal_ones
         let addr = listening.rsplit(' ').next().expect("an address");
         let client = grpc_chat::client::Client::connect(addr, WAIT).expect("the server is reachable");
         let session = client.enter("ann", "lobby").expect("ann joins");
-        // The stream's thread starts once the client's stream reaches the server.
-        let deadline = std::time::Instant::now() + WAIT;
-        let threads = loop {
-            let threads = thread_policies(server.child.id());
-            if threads.iter().any(|(name, _)| name == "chat-stream") {
-                break threads;
-            }
-            assert!(std::time::Instant::now() < deadline, "no stream thread within {WAIT:?}: {threads:?}");
-            thread::sleep(Duration::from_millis(10));
-        };
+        // The welcome comes from the stream's thread, after it set its policy.
+        let welcome = session.next_event(WAIT);
+        assert!(matches!(welcome, Some(grpc_chat::client::Event::Welcome { .. })), "{welcome:?}");
+        let threads = thread_policies(server.child.id());
         let policies = |prefix: &str| -> Vec<u32> {
             threads.iter().filter(|(name, _)| name.starts_with(prefix)).map(|&(_, p)| p).collect()
         };
-        assert!(!policies("grpc-cq").is_empty(), "{threads:?}");
+        assert!(!policies("grpc-cq").is_empty() && !policies("chat-stream").is_empty(), "{threads:?}");
         assert!(policies("grpc-cq").iter().all(|&p| p == cq_policy), "{args:?}: {threads:?}");
         assert!(policies("chat-stream").iter().all(|&p| p == SCHED_OTHER), "{args:?}: {threads:?}");
         assert!(policies("chat-pacer").iter().all(|&p| p == SCHED_OTHER), "{args:?}: {threads:?}");
