@@ -6,6 +6,9 @@ use std::process::{Command, Output};
 
 use grpc_chat::server::{ChatServer, ServerConfig};
 
+#[cfg(target_os = "linux")]
+mod procfs;
+
 fn bench(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_chat-bench"))
         .args(args)
@@ -215,4 +218,47 @@ fn http2_receivers_report_the_status_of_a_refused_stream() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refused 2 of 6") && err.contains("RESOURCE_EXHAUSTED"), "{err}");
+}
+
+/// `--in-process` runs the library's server inside the bench, set up as `chat-server` sets
+/// up its own: completion-queue threads as `SCHED_BATCH`, stream threads as normal ones.
+/// The policies are read while the run is on, once a progress line says every member was
+/// welcomed (the completion-queue threads set theirs as they start, the stream threads
+/// before they welcome).
+#[cfg(target_os = "linux")]
+#[test]
+fn the_in_process_server_schedules_its_threads_like_chat_server() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    use procfs::{policies_of, thread_policies, SCHED_BATCH, SCHED_OTHER};
+
+    // 400 messages at 50/s: about 8 s of publishing, over which progress lines come every few s.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chat-bench"))
+        .args(["--in-process", "--json", "--timeout-secs", "60"])
+        .args(["fanout", "--rooms", "1", "--members", "3", "--messages", "400", "--rate", "50"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("chat-bench runs");
+    let stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut lines = stderr.lines();
+    let welcomed = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|line| line.contains("fanout: welcomed 3/3"))
+        .expect("a progress line with every member welcomed");
+    let threads = thread_policies(child.id());
+    let policies = |prefix: &str| policies_of(&threads, prefix);
+    assert!(policies("grpc-cq").contains(&SCHED_BATCH), "{welcomed}: {threads:?}");
+    assert_eq!(policies("chat-stream").len(), 3, "{threads:?}");
+    assert!(policies("chat-stream").iter().all(|&p| p == SCHED_OTHER), "{threads:?}");
+    // The bench's own completion-queue threads are left alone.
+    assert!(policies("bench-cq").iter().all(|&p| p == SCHED_OTHER), "{threads:?}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let out = child.wait_with_output().expect("chat-bench ends");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}:\n{stdout}\n{rest:?}", out.status);
+    assert_verified(&stdout);
+    assert_eq!(one(&stdout, "deliveries"), 1200);
 }

@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
+mod procfs;
+use procfs::{policies_of, thread_policies, SCHED_BATCH, SCHED_OTHER};
+
 const WAIT: Duration = Duration::from_secs(20);
 
 /// A `chat-server` started by `sh` after `ulimit_args` (`ulimit`'s options and value), with
@@ -122,29 +125,6 @@ fn a_hard_open_files_limit_below_the_stream_limit_is_reported() {
     assert_eq!(server.terminate(), 0, "SIGTERM is a clean shutdown");
 }
 
-/// Scheduling policies, as `/proc/PID/task/TID/stat` gives them.
-const SCHED_OTHER: u32 = 0;
-const SCHED_BATCH: u32 = 3;
-
-/// (name, scheduling policy) of each thread of process `pid`, from `/proc`.
-fn thread_policies(pid: u32) -> Vec<(String, u32)> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc is readable");
-    let mut threads = Vec::new();
-    for task in tasks {
-        let dir = task.expect("a task entry").path();
-        let (Ok(name), Ok(stat)) =
-            (std::fs::read_to_string(dir.join("comm")), std::fs::read_to_string(dir.join("stat")))
-        else {
-            continue; // the thread ended between the listing and the reads
-        };
-        // After the name in parentheses come fields 3, 4, ...; the policy is field 41.
-        let (_, fields) = stat.rsplit_once(')').expect("stat names the thread in parentheses");
-        let policy = fields.split_whitespace().nth(41 - 3).expect("a policy field");
-        threads.push((name.trim().to_string(), policy.parse().expect("a number")));
-    }
-    threads
-}
-
 #[test]
 fn completion_queue_threads_run_as_sched_batch_and_stream_threads_as_normal_ones() {
     for (args, cq_policy) in [(&[][..], SCHED_BATCH), (&["--batch-cq-threads", "false"][..], SCHED_OTHER)] {
@@ -157,9 +137,7 @@ fn completion_queue_threads_run_as_sched_batch_and_stream_threads_as_normal_ones
         let welcome = session.next_event(WAIT);
         assert!(matches!(welcome, Some(grpc_chat::client::Event::Welcome { .. })), "{welcome:?}");
         let threads = thread_policies(server.child.id());
-        let policies = |prefix: &str| -> Vec<u32> {
-            threads.iter().filter(|(name, _)| name.starts_with(prefix)).map(|&(_, p)| p).collect()
-        };
+        let policies = |prefix: &str| policies_of(&threads, prefix);
         assert!(!policies("grpc-cq").is_empty() && !policies("chat-stream").is_empty(), "{threads:?}");
         assert!(policies("grpc-cq").iter().all(|&p| p == cq_policy), "{args:?}: {threads:?}");
         assert!(policies("chat-stream").iter().all(|&p| p == SCHED_OTHER), "{args:?}: {threads:?}");

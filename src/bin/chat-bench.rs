@@ -23,6 +23,8 @@ mod hist;
 mod hpack;
 #[path = "chat_bench/join.rs"]
 mod join;
+#[path = "shared/os.rs"]
+mod os;
 #[path = "chat_bench/report.rs"]
 mod report;
 #[path = "chat_bench/send.rs"]

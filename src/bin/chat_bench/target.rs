@@ -135,10 +135,15 @@ impl Target {
         let history = needs.history.unwrap_or(500).max(1);
         let queue = opts.queue.unwrap_or(1024);
         if opts.in_process {
+            // The same operating-system settings as `chat-server` makes by default.
+            if let Err(e) = crate::os::futex::size_hash(max_streams) {
+                eprintln!("chat-bench: cannot size the futex hash for {max_streams} streams: {e}");
+            }
             let mut config = ServerConfig {
                 listen: "127.0.0.1:0".into(),
                 max_streams,
                 queue_capacity: queue,
+                on_thread_start: Some(crate::os::sched::on_thread_start),
                 ..ServerConfig::default()
             };
             config.broker.history_limit = history;

@@ -1,0 +1,31 @@
+//! What tests read of a process from Linux's `/proc`.
+
+#![allow(dead_code)]
+
+/// Scheduling policies, as `/proc/PID/task/TID/stat` gives them.
+pub const SCHED_OTHER: u32 = 0;
+pub const SCHED_BATCH: u32 = 3;
+
+/// (name, scheduling policy) of each thread of process `pid`, from `/proc`.
+pub fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc is readable");
+    let mut threads = Vec::new();
+    for task in tasks {
+        let dir = task.expect("a task entry").path();
+        let (Ok(name), Ok(stat)) =
+            (std::fs::read_to_string(dir.join("comm")), std::fs::read_to_string(dir.join("stat")))
+        else {
+            continue; // the thread ended between the listing and the reads
+        };
+        // After the name in parentheses come fields 3, 4, ...; the policy is field 41.
+        let (_, fields) = stat.rsplit_once(')').expect("stat names the thread in parentheses");
+        let policy = fields.split_whitespace().nth(41 - 3).expect("a policy field");
+        threads.push((name.trim().to_string(), policy.parse().expect("a number")));
+    }
+    threads
+}
+
+/// The policies of the threads in `threads` whose names start with `prefix`.
+pub fn policies_of(threads: &[(String, u32)], prefix: &str) -> Vec<u32> {
+    threads.iter().filter(|(name, _)| name.starts_with(prefix)).map(|&(_, p)| p).collect()
+}
