@@ -1,6 +1,7 @@
 //! Smoke test of `chat-bench`: a tiny run of every scenario against a server the bench
-//! starts itself (the `chat-server` binary next to it), checking the exit status and
-//! the verification figures of the JSON report. No speed is asserted.
+//! starts itself (the `chat-server` binary next to it, or in its own process with
+//! `--in-process`), checking the exit status and the verification figures of the JSON
+//! report. No speed is asserted.
 
 use std::process::{Command, Output};
 
