@@ -665,17 +665,16 @@ mod tests {
             slots.iter().all(|slot| Arc::strong_count(slot) == 3),
             "held by the pacing, its thread and us"
         );
-        // Give the helpers runs to write, so that they have started and gone back to sleep.
+        // Give the pacer streams to write (usually shared with a helper), and wait until each
+        // was let go: the threads are then idle.
         let (seen, names) = crossbeam_channel::unbounded();
         for id in 0..30 {
             let fake = Arc::new(Named { ticks: AtomicU32::new(0), seen: seen.clone() });
             pacing.add(order(id % 3, id), fake as Arc<dyn Paced>);
         }
-        let mut helped = std::collections::BTreeSet::new();
         for _ in 0..30 * 5 {
-            helped.insert(names.recv_timeout(Duration::from_secs(10)).expect("a tick within 10 s"));
+            names.recv_timeout(Duration::from_secs(10)).expect("a tick within 10 s");
         }
-        assert!(helped.contains("chat-pacer-1"), "only {helped:?} wrote");
         // Not needed for the test to pass, only for it to fail without the drop's unpark:
         // the helpers are then asleep with nothing to wake them.
         thread::sleep(20 * MS);
