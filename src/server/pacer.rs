@@ -436,6 +436,7 @@ fn next_tick(epoch: Instant, last: Option<Instant>, now: Instant, interval: Dura
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::service::Permit;
     use std::sync::atomic::AtomicU32;
 
     const MS: Duration = Duration::from_millis(1);
@@ -627,11 +628,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn helper_threads_share_the_ticks_and_every_stream_gets_all_of_its_own() {
+    /// Three pacer threads at 100 k writes/s (enough for all three: one per 40 k begun) with
+    /// one stream open, after they wrote 30 `Named` streams to the end.
+    struct ThirtyWritten {
+        pacing: Arc<Pacing>,
+        /// The open stream, which gives the pacing its interval.
+        _open: Permit,
+        fakes: Vec<Arc<Named>>,
+        /// The threads that made the 150 ticks.
+        ticked_on: Vec<String>,
+        /// Where any later tick would be seen.
+        names: crossbeam_channel::Receiver<String>,
+    }
+
+    fn three_threads_after_thirty_named_streams() -> ThirtyWritten {
         let streams = StreamLimit::new(10);
-        let _open = streams.acquire().expect("room for a stream");
-        // 100 k writes/s: enough for all three threads (one per 40 k begun).
+        let open = streams.acquire().expect("room for a stream");
         let pacing =
             Pacing::start(streams, WriteBudget::fixed(100_000), 50 * MS, 3).expect("the pacer threads start");
         let (seen, names) = crossbeam_channel::unbounded();
@@ -640,23 +652,29 @@ mod tests {
         for (id, fake) in fakes.iter().enumerate() {
             pacing.add(order(id as u64 % 3, id as u64), Arc::clone(fake) as Arc<dyn Paced>);
         }
-        let mut threads = std::collections::BTreeSet::new();
-        for _ in 0..30 * 5 {
-            let name = names.recv_timeout(Duration::from_secs(10)).expect("a tick within 10 s");
-            assert!(name.starts_with("chat-pacer"), "ticked on {name}");
-            threads.insert(name);
-        }
+        let ticked_on = (0..30 * 5)
+            .map(|_| names.recv_timeout(Duration::from_secs(10)).expect("a tick within 10 s"))
+            .collect();
+        ThirtyWritten { pacing, _open: open, fakes, ticked_on, names }
+    }
+
+    #[test]
+    fn helper_threads_share_the_ticks_and_every_stream_gets_all_of_its_own() {
+        // All bound, so that the pacing lives to the end of the test.
+        let ThirtyWritten { pacing: _pacing, _open, fakes, ticked_on, names } =
+            three_threads_after_thirty_named_streams();
+        assert!(ticked_on.iter().all(|name| name.starts_with("chat-pacer")), "ticked on {ticked_on:?}");
         assert!(fakes.iter().all(|f| f.ticks.load(Ordering::SeqCst) == 5), "each stream ticked 5 times");
         assert!(names.recv_timeout(20 * MS).is_err(), "no tick after every stream was let go");
+        let threads: std::collections::BTreeSet<_> = ticked_on.iter().collect();
         assert!(threads.len() > 1, "only {threads:?} wrote");
     }
 
     #[test]
     fn helper_threads_end_when_the_pacing_is_dropped() {
-        let streams = StreamLimit::new(10);
-        let _open = streams.acquire().expect("room for a stream");
-        let pacing =
-            Pacing::start(streams, WriteBudget::fixed(100_000), 50 * MS, 3).expect("the pacer threads start");
+        // Every stream was let go: the threads are idle (the helpers had runs to write, if
+        // the ticks were shared, which they usually are).
+        let ThirtyWritten { pacing, _open, .. } = three_threads_after_thirty_named_streams();
         // Each helper thread holds its slot until it returns.
         let slots: Vec<_> =
             pacing.helpers.get().expect("helpers").iter().map(|h| Arc::clone(&h.runs)).collect();
@@ -665,16 +683,6 @@ mod tests {
             slots.iter().all(|slot| Arc::strong_count(slot) == 3),
             "held by the pacing, its thread and us"
         );
-        // Give the pacer streams to write (usually shared with a helper), and wait until each
-        // was let go: the threads are then idle.
-        let (seen, names) = crossbeam_channel::unbounded();
-        for id in 0..30 {
-            let fake = Arc::new(Named { ticks: AtomicU32::new(0), seen: seen.clone() });
-            pacing.add(order(id % 3, id), fake as Arc<dyn Paced>);
-        }
-        for _ in 0..30 * 5 {
-            names.recv_timeout(Duration::from_secs(10)).expect("a tick within 10 s");
-        }
         // Not needed for the test to pass, only for it to fail without the drop's unpark:
         // the helpers are then asleep with nothing to wake them.
         thread::sleep(20 * MS);
