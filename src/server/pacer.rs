@@ -147,8 +147,8 @@ pub struct Pacing {
 
 /// A helper thread and the runs handed to it. A plain slot and `unpark`, not a channel:
 /// a channel's blocking receive spins and calls `sched_yield` several times before it
-/// sleeps, and a helper waits for every tick (about 1600 a second at 100 k writes/s),
-/// which made some 10 k `sched_yield`s a second (see BENCHMARKS.md).
+/// sleeps, and a helper waits for every tick (1600 a second at a 10 ms interval),
+/// which made 8–12 k `sched_yield`s a second at 100 k writes/s (see BENCHMARKS.md).
 struct Helper {
     runs: Arc<Mutex<Vec<Batch>>>,
     thread: Thread,
