@@ -100,18 +100,25 @@ struct PhaseCfg {
     publishers: usize,
 }
 
+/// How the report names the posts a publisher skipped because its stream had ended.
+const NOT_SENT: &str = "NOT_SENT_STREAM_ENDED";
+
 #[derive(Default)]
 struct PubStats {
     ok_per_room: Vec<u64>,
     errors: u64,
-    codes: BTreeMap<i32, u64>,
+    /// Failed posts and calls by status name, and the posts not sent ([`NOT_SENT`]).
+    codes: BTreeMap<String, u64>,
     last_ns: u64,
 }
 
 impl PubStats {
     fn fail(&mut self, e: &grpcio::Error) {
+        self.count(code_name(error_code(e)));
+    }
+    fn count(&mut self, what: String) {
         self.errors += 1;
-        *self.codes.entry(error_code(e)).or_insert(0) += 1;
+        *self.codes.entry(what).or_insert(0) += 1;
     }
     fn merge(&mut self, o: PubStats) {
         for (a, b) in self.ok_per_room.iter_mut().zip(o.ok_per_room) {
@@ -164,7 +171,7 @@ fn publish(pubs: &mut [Publisher], first: usize, cfg: &PhaseCfg, rooms: usize, s
             match cfg.via {
                 PublishVia::Post => {
                     let Some(tx) = p.tx.as_mut() else {
-                        st.errors += 1;
+                        st.count(NOT_SENT.to_string());
                         continue;
                     };
                     match block_on(tx.feed((post(text, id), WriteFlags::default()))) {
@@ -215,7 +222,7 @@ struct Phase {
     rate: f64,
     sent: u64,
     errors: u64,
-    codes: BTreeMap<i32, u64>,
+    codes: BTreeMap<String, u64>,
     expected: u64,
     delivered: u64,
     publish_secs: f64,
@@ -284,8 +291,8 @@ impl Phase {
             .set("reordered", self.reordered);
         if !self.codes.is_empty() {
             let mut c = Obj::new();
-            for (code, n) in &self.codes {
-                c.push(&code_name(*code), *n);
+            for (what, n) in &self.codes {
+                c.push(what, *n);
             }
             o.push("publish_error_codes", c);
         }

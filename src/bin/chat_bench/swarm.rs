@@ -517,13 +517,15 @@ impl Swarm {
 }
 
 /// Totals of a verification.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Verdict {
     pub checked: usize,
     pub lost: u64,
     pub duplicates: u64,
     pub reordered: u64,
     pub cut_off: usize,
+    /// The status each cut-off member's stream ended with (0 = OK), and how many.
+    pub cut_off_codes: BTreeMap<i32, usize>,
     pub received: u64,
 }
 
@@ -541,6 +543,13 @@ impl Verdict {
             .set("duplicates", self.duplicates)
             .set("reordered", self.reordered)
             .set("cut_off", self.cut_off);
+        if !self.cut_off_codes.is_empty() {
+            let mut codes = crate::report::Obj::new();
+            for (code, n) in &self.cut_off_codes {
+                codes.push(&wire::code_name(*code), *n);
+            }
+            obj = obj.set("cut_off_codes", codes);
+        }
         if let Some(rejected) = rejected_posts {
             obj = obj.set("rejected_posts", rejected);
         }
@@ -557,7 +566,10 @@ pub fn verify(outcomes: &[Outcome], final_seq: impl Fn(&Outcome) -> u64) -> Verd
         v.duplicates += o.duplicates;
         v.reordered += o.reordered;
         v.received += o.received;
-        v.cut_off += usize::from(o.cut_off);
+        if o.cut_off {
+            v.cut_off += 1;
+            *v.cut_off_codes.entry(o.end_code.unwrap_or(0)).or_insert(0) += 1;
+        }
     }
     v
 }
@@ -570,4 +582,36 @@ pub fn max_seq_per_room(outcomes: &[Outcome], rooms: usize) -> Vec<u64> {
         max[o.room] = max[o.room].max(seen).max(o.welcome_last_seq);
     }
     max
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(next: u64, end_code: Option<i32>, cut_off: bool) -> Outcome {
+        Outcome { welcomed: true, next, end_code, cut_off, ..Outcome::default() }
+    }
+
+    #[test]
+    fn a_verdict_counts_cut_off_members_by_the_status_that_ended_them() {
+        let outcomes = [
+            member(11, None, false),
+            member(4, Some(8), true),
+            member(7, Some(8), true),
+            member(2, Some(14), true),
+            Outcome { welcomed: false, end_code: Some(8), ..Outcome::default() },
+        ];
+        let v = verify(&outcomes, |_| 10);
+        assert_eq!(v.checked, 4);
+        assert_eq!(v.cut_off, 3);
+        assert_eq!(v.cut_off_codes, BTreeMap::from([(8, 2), (14, 1)]));
+        assert_eq!(v.lost, 7 + 4 + 9, "each cut-off member lost what came after its last seq");
+        assert!(!v.clean());
+        let json: String = crate::report::to_json(&v.report(None, 0, false)).split_whitespace().collect();
+        assert!(json.contains(r#""cut_off_codes":{"RESOURCE_EXHAUSTED":2,"UNAVAILABLE":1}"#), "{json}");
+
+        let v = verify(&outcomes[..1], |_| 10);
+        assert!(v.clean() && v.cut_off_codes.is_empty());
+        assert!(!crate::report::to_json(&v.report(None, 0, true)).contains("cut_off_codes"));
+    }
 }

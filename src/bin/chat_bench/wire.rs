@@ -308,9 +308,11 @@ pub fn error_code(e: &grpcio::Error) -> i32 {
     }
 }
 
-/// The conventional name of a gRPC status code.
+/// The conventional name of a gRPC status code; `NO_STATUS` for `-1`, a call that ended
+/// without one (the connection failed, or the stream had already ended).
 pub fn code_name(code: i32) -> String {
     let name = match code {
+        -1 => "NO_STATUS",
         0 => "OK",
         1 => "CANCELLED",
         2 => "UNKNOWN",
