@@ -1,16 +1,16 @@
-//! The `chat-server` binary as a process: its open-files limit, its signal handling and its
-//! threads' scheduling.
+//! The `chat-server` binary as a process: its open-files limit, its signal handling, its
+//! threads' scheduling, and how often its pacer thread wakes up.
 //! Linux only (it reads `/proc`). Waits end on events, with generous deadlines.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 mod procfs;
-use procfs::{policies_of, thread_policies, SCHED_BATCH, SCHED_OTHER};
+use procfs::{context_switches, policies_of, thread_policies, SCHED_BATCH, SCHED_OTHER};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -145,4 +145,42 @@ fn completion_queue_threads_run_as_sched_batch_and_stream_threads_as_normal_ones
         drop(session);
         assert_eq!(server.terminate(), 0, "SIGTERM is a clean shutdown");
     }
+}
+
+#[test]
+fn the_pacer_thread_sleeps_while_the_members_are_quiet() {
+    // A fixed budget, so that no sampling of the machine's load wakes the pacer either.
+    // Five open streams at 100 k writes/s make a 50 µs interval: a pacer that ticked for
+    // open streams whether or not they had anything to send woke about 10,000 times a
+    // second (as it did before this test).
+    let server = Server::start("-c 0", &["--writes-per-second", "100000"]);
+    let listening = server.startup.last().expect("the listening line");
+    let addr = listening.rsplit(' ').next().expect("an address");
+    let client = grpc_chat::client::Client::connect(addr, WAIT).expect("the server is reachable");
+    let users = ["ann", "bob", "cy", "dee", "eve"];
+    let sessions: Vec<_> = users.iter().map(|u| client.enter(u, "lobby").expect("joins")).collect();
+    sessions[0].post("anyone here?").expect("ann posts");
+    for (user, session) in users.iter().zip(&sessions) {
+        // Every stream was busy (welcome, presence, the message) until this came.
+        loop {
+            match session.next_event(WAIT) {
+                Some(grpc_chat::client::Event::Message(m)) if m.text == "anyone here?" => break,
+                Some(_) => continue,
+                None => panic!("{user} did not get the message within {WAIT:?}"),
+            }
+        }
+    }
+    let pid = server.child.id();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let before = context_switches(pid, "chat-pacer");
+        thread::sleep(Duration::from_millis(200));
+        let woke = context_switches(pid, "chat-pacer") - before;
+        if woke <= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the pacer thread still woke {woke} times in 200 ms");
+    }
+    drop(sessions);
+    assert_eq!(server.terminate(), 0, "SIGTERM is a clean shutdown");
 }

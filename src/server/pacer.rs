@@ -136,8 +136,8 @@ pub struct Pacing {
     /// on the next tick instead of a whole interval later.
     late: Mutex<Batch>,
     /// The pacer thread; whether it sleeps (then a stream made ready wakes it); and
-    /// whether it sleeps for want of open streams (then a stream added wakes it too: its
-    /// first tick must not wait for the end of that sleep).
+    /// whether it sleeps for want of busy streams (then a stream added, or put back by a
+    /// helper, wakes it too: it has no tick to wake up for).
     thread: OnceLock<Thread>,
     sleeping: AtomicBool,
     dormant: AtomicBool,
@@ -163,6 +163,7 @@ impl Helper {
 
 impl Drop for Pacing {
     fn drop(&mut self) {
+        self.unpark();
         for helper in self.helpers.get().map_or(&[][..], Vec::as_slice) {
             helper.thread.unpark();
         }
@@ -254,9 +255,21 @@ impl Pacing {
     /// interval until its `tick` returns false.
     pub(super) fn add(&self, order: WriteOrder, stream: Arc<dyn Paced>) {
         self.busy.lock().streams.insert(order, stream);
+        self.wake_if_dormant();
+    }
+
+    /// Wakes the pacer thread if it sleeps for want of busy streams. Called after a
+    /// stream was put in the walk or the late list: the pacer sets `dormant` before it
+    /// looks at both, so either it sees the stream or this sees `dormant`.
+    fn wake_if_dormant(&self) {
         if self.dormant.swap(false, Ordering::SeqCst) {
             self.unpark();
         }
+    }
+
+    /// True if any stream waits for a tick: in the walk, or late.
+    fn has_busy_streams(&self) -> bool {
+        !self.busy.lock().streams.is_empty() || !self.late.lock().is_empty()
     }
 
     /// Hands an idle stream whose queue got an item to the pacer: it is written as soon
@@ -318,9 +331,16 @@ impl Pacing {
                 Ticked::LetGo => {}
             }
         }
-        self.busy.lock().streams.extend(kept);
-        if !late.is_empty() {
+        let (kept_any, late_any) = (!kept.is_empty(), !late.is_empty());
+        if kept_any {
+            self.busy.lock().streams.extend(kept);
+        }
+        if late_any {
             self.late.lock().extend(late);
+        }
+        // A helper puts back its run after the pacer thread may have found nothing busy.
+        if kept_any || late_any {
+            self.wake_if_dormant();
         }
     }
 
@@ -332,7 +352,10 @@ impl Pacing {
 }
 
 /// The pacer thread: writes the streams made ready, serves the ticks in turn, and moves
-/// the budget with the machine's load, until the `Pacing` is dropped.
+/// the budget with the machine's load, until the `Pacing` is dropped. With no busy
+/// stream it sleeps until one is added or made ready; while the budget can still rise,
+/// it also wakes for the governor's samples, so that a burst after a quiet spell finds
+/// the budget the machine's load allows.
 fn run(pacing: Weak<Pacing>, mut governor: Governor) {
     let mut last: Option<Instant> = None;
     let mut next_sample = Instant::now();
@@ -351,29 +374,39 @@ fn run(pacing: Weak<Pacing>, mut governor: Governor) {
                 }
             }
         }
-        let sleep = match next_tick(p.epoch, last, now, p.interval()) {
+        let tick = next_tick(p.epoch, last, now, p.interval()).filter(|_| p.has_busy_streams());
+        let sleep = match tick {
             Some(Tick { at, parts }) if at <= now => {
                 p.serve(&parts);
                 last = Some(at);
                 continue;
             }
-            Some(Tick { at, .. }) => (at - now).min(MAX_SLEEP),
+            Some(Tick { at, .. }) => Some((at - now).min(MAX_SLEEP)),
             None => {
                 p.dormant.store(true, Ordering::SeqCst);
                 last = None;
-                // A stream added just before that saw the pacer awake: look again.
-                if !p.interval().is_zero() {
-                    continue;
+                if p.has_busy_streams() {
+                    if !p.interval().is_zero() {
+                        // Added (or put back) just before that saw the pacer awake.
+                        continue;
+                    }
+                    // In the walk, but no stream is open (their calls ended): no ticks
+                    // until one is; look again later.
+                    Some(MAX_SLEEP)
+                } else {
+                    let rising = p.budget.adapts() && p.writes_per_second() < p.budget.max;
+                    rising.then(|| next_sample.saturating_duration_since(now))
                 }
-                MAX_SLEEP
             }
         };
         // From here on, a stream made ready or added unparks the thread (before or
         // during the sleep; an unpark before it makes it return at once).
         let may_sleep = p.may_sleep();
         drop(p);
-        if may_sleep {
-            thread::park_timeout(sleep);
+        match sleep {
+            _ if !may_sleep => {}
+            Some(sleep) => thread::park_timeout(sleep),
+            None => thread::park(),
         }
     }
 }
@@ -692,6 +725,63 @@ mod tests {
             assert!(Instant::now() < deadline, "a helper thread is still running 10 s after the drop");
             thread::sleep(MS);
         }
+    }
+
+    /// A stream whose first tick waits for the test to let it finish.
+    struct Gate {
+        ticks: AtomicU32,
+        entered: crossbeam_channel::Sender<String>,
+        release: crossbeam_channel::Receiver<()>,
+        seen: crossbeam_channel::Sender<u32>,
+    }
+    impl Paced for Gate {
+        fn tick(&self) -> Ticked {
+            let n = self.ticks.fetch_add(1, Ordering::SeqCst) + 1;
+            if n == 1 {
+                let _ = self.entered.send(thread::current().name().unwrap_or_default().to_string());
+                let _ = self.release.recv_timeout(Duration::from_secs(10));
+                return Ticked::Wrote;
+            }
+            let _ = self.seen.send(n);
+            Ticked::LetGo
+        }
+    }
+
+    #[test]
+    fn a_stream_a_helper_puts_back_wakes_the_pacer_that_found_none_busy() {
+        let streams = StreamLimit::new(10);
+        let _open = streams.acquire().expect("room for a stream");
+        let pacing =
+            Pacing::start(streams, WriteBudget::fixed(100_000), 50 * MS, 2).expect("the pacer threads start");
+        let wait = Duration::from_secs(10);
+        let (entered, entered_on) = crossbeam_channel::unbounded();
+        let (let_go, release) = crossbeam_channel::unbounded();
+        let (seen, ticks) = crossbeam_channel::unbounded();
+        let gate = Arc::new(Gate { ticks: AtomicU32::new(0), entered, release, seen });
+        let (done, _) = crossbeam_channel::unbounded();
+        let once = Arc::new(Fake { ticks: AtomicU32::new(0), busy_for: 1, seen: done });
+        // Both in the walk at once, so that one tick takes both and cuts them into two
+        // runs: `once` for the pacer thread, which lets it go, `gate` for the helper.
+        {
+            let mut walk = pacing.busy.lock();
+            walk.streams.insert(order(0, 1), once as Arc<dyn Paced>);
+            walk.streams.insert(order(1, 2), Arc::clone(&gate) as Arc<dyn Paced>);
+        }
+        pacing.wake_if_dormant();
+        assert_eq!(
+            entered_on.recv_timeout(wait).as_deref(),
+            Ok("chat-pacer-1"),
+            "the helper writes the gate"
+        );
+        // With `once` let go and `gate` with the helper, the pacer finds nothing busy and
+        // sleeps with no timeout (a fixed budget has no samples to take).
+        let deadline = Instant::now() + wait;
+        while !pacing.dormant.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the pacer thread did not go to sleep");
+            thread::sleep(MS);
+        }
+        let_go.send(()).expect("the gate waits");
+        assert_eq!(ticks.recv_timeout(wait), Ok(2), "the stream the helper put back was ticked again");
     }
 
     #[test]

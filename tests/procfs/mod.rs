@@ -29,3 +29,30 @@ pub fn thread_policies(pid: u32) -> Vec<(String, u32)> {
 pub fn policies_of(threads: &[(String, u32)], prefix: &str) -> Vec<u32> {
     threads.iter().filter(|(name, _)| name.starts_with(prefix)).map(|&(_, p)| p).collect()
 }
+
+/// Context switches so far (voluntary and not) of the threads of process `pid` named
+/// exactly `name`: how often they stopped running, which for a thread that sleeps
+/// between its rounds is how often it woke up.
+pub fn context_switches(pid: u32, name: &str) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc is readable");
+    let mut total = 0;
+    for task in tasks {
+        let dir = task.expect("a task entry").path();
+        let (Ok(comm), Ok(status)) =
+            (std::fs::read_to_string(dir.join("comm")), std::fs::read_to_string(dir.join("status")))
+        else {
+            continue; // the thread ended between the listing and the reads
+        };
+        if comm.trim() != name {
+            continue;
+        }
+        total += status
+            .lines()
+            .filter(|l| {
+                l.starts_with("voluntary_ctxt_switches") || l.starts_with("nonvoluntary_ctxt_switches")
+            })
+            .map(|l| l.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()).expect("a count"))
+            .sum::<u64>();
+    }
+    total
+}
