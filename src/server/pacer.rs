@@ -43,7 +43,8 @@ use crate::core::ConnId;
 /// the median latency.
 pub const TICKS: u32 = 16;
 
-/// The longest the pacer thread sleeps before it looks at the interval again.
+/// The longest the pacer thread sleeps while streams are busy (or wait in the walk with
+/// none open) before it looks at the interval again; with none busy it sleeps until woken.
 const MAX_SLEEP: Duration = Duration::from_millis(20);
 
 /// The shortest time between two ticks. A sleep takes at least ~60 µs (the kernel's timer
