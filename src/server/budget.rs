@@ -10,7 +10,7 @@
 //! gets batches large enough to keep up. A sample over [`SATURATED`] cuts a quarter at
 //! once: a burst after a quiet spell finds the budget at its highest, and must not fall
 //! behind while it comes down. Measured in BENCHMARKS.md ("An adaptive write budget").
-//! Where the CPU times cannot be read the budget stays at its lowest.
+//! Where the CPU times cannot be read the budget stays at its lowest, and is not sampled again.
 
 use std::fmt;
 use std::str::FromStr;
@@ -139,12 +139,14 @@ pub struct Governor {
     last: Option<CpuTimes>,
     /// Busy percent, each sample averaged with the average before it.
     average: Option<u64>,
+    /// A sample found no CPU times: the budget stays at its lowest, and takes no more.
+    blind: bool,
 }
 
 impl Governor {
     /// A governor at the budget's lowest.
     pub fn new(budget: WriteBudget) -> Governor {
-        Governor { budget, now: budget.min, last: None, average: None }
+        Governor { budget, now: budget.min, last: None, average: None, blind: false }
     }
 
     /// Writes per second allowed now.
@@ -152,12 +154,29 @@ impl Governor {
         self.now
     }
 
+    /// True while samples can move the budget: it adapts, and the CPU times could be read.
+    pub fn takes_samples(&self) -> bool {
+        self.budget.adapts() && !self.blind
+    }
+
+    /// True while a sample could raise the budget (it takes samples and is below its top):
+    /// an idle pacer then still wakes for them, so that a burst finds the budget raised.
+    pub fn may_rise(&self) -> bool {
+        self.takes_samples() && self.now < self.budget.max
+    }
+
     /// Takes the CPU times seen now and returns the budget until the next sample: cut by
     /// a quarter if the CPUs were over [`SATURATED`] percent busy since the last sample;
     /// else raised by a sixteenth if their average is under [`RAISE_BELOW`], cut by an
     /// eighth if over [`CUT_ABOVE`], the same otherwise (and on the first sample, or when
-    /// the counters did not move).
-    pub fn handle_sample(&mut self, times: CpuTimes) -> u32 {
+    /// the counters did not move). `None` (no CPU times to read) leaves the budget at its
+    /// lowest for good, and [`Governor::takes_samples`] false.
+    pub fn handle_sample(&mut self, times: Option<CpuTimes>) -> u32 {
+        let Some(times) = times.filter(|_| !self.blind) else {
+            self.blind = true;
+            self.now = self.budget.min;
+            return self.now;
+        };
         let Some(last) = self.last.replace(times) else { return self.now };
         let total = times.total.saturating_sub(last.total);
         let busy = times.busy.saturating_sub(last.busy);
@@ -220,20 +239,21 @@ mod tests {
         let budget = WriteBudget { min: 35_000, max: 100_000 };
         let mut governor = Governor::new(budget);
         let mut times = CpuTimes { busy: 1000, total: 5000 };
-        assert_eq!(governor.handle_sample(times), 35_000, "nothing to compare the first sample with");
+        assert_eq!(governor.handle_sample(Some(times)), 35_000, "nothing to compare the first sample with");
         let mut seen = Vec::new();
         for _ in 0..20 {
             times = after(times, 50, 20);
-            seen.push(governor.handle_sample(times));
+            seen.push(governor.handle_sample(Some(times)));
         }
         assert_eq!(seen[..4], [37_187, 39_511, 41_980, 44_603], "up by a sixteenth");
         assert!(seen.windows(2).all(|w| w[0] < w[1] || w[1] == 100_000), "{seen:?}");
         assert_eq!(seen[16..], [98_083, 100_000, 100_000, 100_000], "to the most");
+        assert!(governor.takes_samples() && !governor.may_rise(), "at the top, samples can only cut it");
         // Busier: the average (50 before) crosses 80 on the fourth sample.
         seen.clear();
         for _ in 0..5 {
             times = after(times, 85, 20);
-            seen.push(governor.handle_sample(times));
+            seen.push(governor.handle_sample(Some(times)));
         }
         assert_eq!(
             seen,
@@ -244,31 +264,48 @@ mod tests {
         seen.clear();
         for _ in 0..4 {
             times = after(times, 95, 20);
-            seen.push(governor.handle_sample(times));
+            seen.push(governor.handle_sample(Some(times)));
         }
         assert_eq!(seen, [57_423, 43_068, 35_000, 35_000], "down by a quarter, to the least");
-        assert_eq!(governor.handle_sample(times), 35_000, "counters that did not move change nothing");
+        assert_eq!(governor.handle_sample(Some(times)), 35_000, "counters that did not move change nothing");
         assert_eq!(governor.writes_per_second(), 35_000);
+        assert!(governor.may_rise());
+    }
+
+    #[test]
+    fn without_cpu_times_the_budget_stays_at_its_lowest_and_takes_no_more_samples() {
+        let mut governor = Governor::new(WriteBudget { min: 35_000, max: 100_000 });
+        let mut times = CpuTimes { busy: 0, total: 0 };
+        for _ in 0..4 {
+            times = after(times, 10, 100);
+            governor.handle_sample(Some(times));
+        }
+        assert!(governor.writes_per_second() > 35_000 && governor.may_rise());
+        assert_eq!(governor.handle_sample(None), 35_000, "back to the lowest");
+        assert!(!governor.takes_samples() && !governor.may_rise(), "an idle pacer need not wake for samples");
+        times = after(times, 10, 100);
+        assert_eq!(governor.handle_sample(Some(times)), 35_000, "later times are not used");
     }
 
     #[test]
     fn between_the_marks_the_budget_stays() {
         let mut governor = Governor::new(WriteBudget { min: 10_000, max: 90_000 });
         let mut times = CpuTimes { busy: 0, total: 0 };
-        governor.handle_sample(times);
+        governor.handle_sample(Some(times));
         for percent in [75, 72, 78, 75, 79, 71] {
             times = after(times, percent, 100);
-            assert_eq!(governor.handle_sample(times), 10_000, "{percent} % busy");
+            assert_eq!(governor.handle_sample(Some(times)), 10_000, "{percent} % busy");
         }
     }
 
     #[test]
     fn a_fixed_budget_does_not_move() {
         let mut governor = Governor::new(WriteBudget::fixed(50_000));
+        assert!(!governor.takes_samples() && !governor.may_rise());
         let mut times = CpuTimes { busy: 0, total: 0 };
         for percent in [0, 10, 100, 100, 0] {
             times = after(times, percent, 100);
-            assert_eq!(governor.handle_sample(times), 50_000);
+            assert_eq!(governor.handle_sample(Some(times)), 50_000);
         }
     }
 

@@ -366,13 +366,15 @@ fn run(pacing: Weak<Pacing>, mut governor: Governor) {
         p.dormant.store(false, Ordering::SeqCst);
         p.serve_ready();
         let now = Instant::now();
-        if p.budget.adapts() && now >= next_sample {
+        if governor.takes_samples() && now >= next_sample {
             next_sample = now + budget::SAMPLE;
-            if let Some(times) = CpuTimes::read() {
-                let writes = governor.handle_sample(times);
-                if writes != p.writes_per_second.swap(writes, Ordering::Relaxed) {
-                    log::trace!("pacer: {writes} writes/s");
-                }
+            let times = CpuTimes::read();
+            if times.is_none() {
+                log::warn!("pacer: cannot read /proc/stat; the write budget stays at {}", p.budget.min);
+            }
+            let writes = governor.handle_sample(times);
+            if writes != p.writes_per_second.swap(writes, Ordering::Relaxed) {
+                log::trace!("pacer: {writes} writes/s");
             }
         }
         let tick = next_tick(p.epoch, last, now, p.interval()).filter(|_| p.has_busy_streams());
@@ -395,8 +397,7 @@ fn run(pacing: Weak<Pacing>, mut governor: Governor) {
                     // until one is; look again later.
                     Some(MAX_SLEEP)
                 } else {
-                    let rising = p.budget.adapts() && p.writes_per_second() < p.budget.max;
-                    rising.then(|| next_sample.saturating_duration_since(now))
+                    governor.may_rise().then(|| next_sample.saturating_duration_since(now))
                 }
             }
         };
