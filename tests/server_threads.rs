@@ -2,6 +2,7 @@
 //! binary, because it counts the threads of the whole process by name.
 
 mod e2e;
+mod procfs;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -12,11 +13,7 @@ use grpc_chat::server::WriteBudget;
 /// This process's threads whose names start with one of `prefixes`, counted by name.
 fn threads_named(prefixes: &[&str]) -> BTreeMap<String, usize> {
     let mut names = BTreeMap::new();
-    let tasks = std::fs::read_dir("/proc/self/task").expect("/proc/self/task lists the threads");
-    for task in tasks.flatten() {
-        // A thread that ended since the listing has no `comm` any more.
-        let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) else { continue };
-        let name = comm.trim_end().to_string();
+    for name in procfs::thread_names(std::process::id()) {
         if prefixes.iter().any(|p| name.starts_with(p)) {
             *names.entry(name).or_default() += 1;
         }

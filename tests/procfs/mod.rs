@@ -22,6 +22,11 @@ fn threads_with(pid: u32, file: &str) -> Vec<(String, String)> {
     threads
 }
 
+/// The name of each thread of process `pid`, from `/proc`.
+pub fn thread_names(pid: u32) -> Vec<String> {
+    threads_with(pid, "comm").into_iter().map(|(name, _)| name).collect()
+}
+
 /// (name, scheduling policy) of each thread of process `pid`, from `/proc`.
 pub fn thread_policies(pid: u32) -> Vec<(String, u32)> {
     let policy = |stat: &str| {
