@@ -23,7 +23,8 @@ fn threads_named(prefixes: &[&str]) -> BTreeMap<String, usize> {
 
 #[test]
 fn a_server_that_shuts_down_leaves_none_of_its_threads_running() {
-    // The server's own threads; the test's clients use grpcio's default names.
+    // The server's own threads. The test's client threads have no names of their own (so
+    // on Linux they carry the test thread's).
     let ours = ["chat-", "grpc-cq", "grpc-shutdown"];
     assert!(threads_named(&ours).is_empty(), "before the server: {:?}", threads_named(&ours));
     // A fixed budget: an idle pacer thread then sleeps with no timeout (an adaptive one
