@@ -13,7 +13,7 @@ use grpcio::{
     DuplexSink, Marshaller, Method, MethodType, RequestStream, RpcContext, RpcStatus, RpcStatusCode,
     ServerStreamingSink, Service, ServiceBuilder, UnarySink, WriteFlags,
 };
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use parking_lot::Mutex;
 
 use super::encode::{self, deserialize_encoded, serialize_encoded, Encoded};
@@ -29,26 +29,103 @@ const fn prost<T: prost::Message + Default>() -> Marshaller<T> {
 
 const ENCODED: Marshaller<Encoded> = Marshaller { ser: serialize_encoded, de: deserialize_encoded };
 
-const fn method<Req, Resp>(ty: MethodType, name: &'static str, resp: Marshaller<Resp>) -> Method<Req, Resp>
+/// The request of a unary or server-streaming call: decoded, or why it did not decode.
+///
+/// grpcio ends a call whose request its marshaller cannot decode with `INTERNAL` and
+/// "Failed to deserialize response message"; with this marshaller, which never fails,
+/// the handler answers `INVALID_ARGUMENT` and says what was wrong, as a `Chat` stream
+/// does for a malformed frame.
+struct Request<T>(grpcio::Result<T>);
+
+fn decode_request<T: prost::Message + Default>(reader: grpcio::MessageReader) -> grpcio::Result<Request<T>> {
+    Ok(Request(grpcio::pr_de(reader)))
+}
+
+fn encode_request<T: prost::Message>(
+    request: &Request<T>,
+    out: &mut grpcio::GrpcSlice,
+) -> grpcio::Result<()> {
+    match &request.0 {
+        Ok(message) => grpcio::pr_ser(message, out),
+        Err(_) => Err(grpcio::Error::Codec("a request that did not decode cannot be sent".into())),
+    }
+}
+
+const fn method<Req, Resp>(
+    ty: MethodType,
+    name: &'static str,
+    resp: Marshaller<Resp>,
+) -> Method<Request<Req>, Resp>
 where
     Req: prost::Message + Default,
 {
-    Method { ty, name, req_mar: prost::<Req>(), resp_mar: resp }
+    Method {
+        ty,
+        name,
+        req_mar: Marshaller { ser: encode_request::<Req>, de: decode_request::<Req> },
+        resp_mar: resp,
+    }
 }
 
-const JOIN: Method<pb::JoinRequest, pb::JoinReply> = method(MethodType::Unary, "/chat.v1.Chat/Join", prost());
-const HISTORY: Method<pb::HistoryRequest, pb::ChatMessage> =
+const JOIN: Method<Request<pb::JoinRequest>, pb::JoinReply> =
+    method(MethodType::Unary, "/chat.v1.Chat/Join", prost());
+const HISTORY: Method<Request<pb::HistoryRequest>, pb::ChatMessage> =
     method(MethodType::ServerStreaming, "/chat.v1.Chat/History", prost());
-const CHAT: Method<pb::ClientFrame, Encoded> = method(MethodType::Duplex, "/chat.v1.Chat/Chat", ENCODED);
-const SEND: Method<pb::SendRequest, pb::SendReply> = method(MethodType::Unary, "/chat.v1.Chat/Send", prost());
-const SUBSCRIBE: Method<pb::SubscribeRequest, Encoded> =
+const CHAT: Method<pb::ClientFrame, Encoded> =
+    Method { ty: MethodType::Duplex, name: "/chat.v1.Chat/Chat", req_mar: prost(), resp_mar: ENCODED };
+const SEND: Method<Request<pb::SendRequest>, pb::SendReply> =
+    method(MethodType::Unary, "/chat.v1.Chat/Send", prost());
+const SUBSCRIBE: Method<Request<pb::SubscribeRequest>, Encoded> =
     method(MethodType::ServerStreaming, "/chat.v1.Chat/Subscribe", ENCODED);
-const LEAVE: Method<pb::LeaveRequest, pb::LeaveReply> =
+const LEAVE: Method<Request<pb::LeaveRequest>, pb::LeaveReply> =
     method(MethodType::Unary, "/chat.v1.Chat/Leave", prost());
-const LIST_ROOMS: Method<pb::ListRoomsRequest, pb::ListRoomsReply> =
+const LIST_ROOMS: Method<Request<pb::ListRoomsRequest>, pb::ListRoomsReply> =
     method(MethodType::Unary, "/chat.v1.Chat/ListRooms", prost());
-const LIST_MEMBERS: Method<pb::ListMembersRequest, pb::ListMembersReply> =
+const LIST_MEMBERS: Method<Request<pb::ListMembersRequest>, pb::ListMembersReply> =
     method(MethodType::Unary, "/chat.v1.Chat/ListMembers", prost());
+
+/// The status of a request that did not decode (logged at debug level).
+fn malformed(ctx: &RpcContext, error: &grpcio::Error) -> RpcStatus {
+    let why = match error {
+        grpcio::Error::Codec(e) => format!("malformed request: {e}"),
+        other => format!("malformed request: {other}"),
+    };
+    debug!("{} from {}: {why}", String::from_utf8_lossy(ctx.method()), ctx.peer());
+    RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, why)
+}
+
+type UnaryHandler<Req, Resp> = fn(&ChatService, RpcContext, Req, UnarySink<Resp>);
+type StreamingHandler<Req, Resp> = fn(&ChatService, RpcContext, Req, ServerStreamingSink<Resp>);
+
+/// `handle` as a grpcio unary handler, behind the check that the request decoded.
+fn unary<Req: 'static, Resp: Send + 'static>(
+    service: &ChatService,
+    handle: UnaryHandler<Req, Resp>,
+) -> impl FnMut(RpcContext, Request<Req>, UnarySink<Resp>) + Send + Clone + 'static {
+    let service = service.clone();
+    move |ctx, request, sink| match request.0 {
+        Ok(request) => handle(&service, ctx, request, sink),
+        Err(e) => {
+            let status = malformed(&ctx, &e);
+            reply_unary(&ctx, sink, Err(status))
+        }
+    }
+}
+
+/// `handle` as a grpcio server-streaming handler, behind the check that the request decoded.
+fn server_streaming<Req: 'static, Resp: Send + 'static>(
+    service: &ChatService,
+    handle: StreamingHandler<Req, Resp>,
+) -> impl FnMut(RpcContext, Request<Req>, ServerStreamingSink<Resp>) + Send + Clone + 'static {
+    let service = service.clone();
+    move |ctx, request, sink| match request.0 {
+        Ok(request) => handle(&service, ctx, request, sink),
+        Err(e) => {
+            let status = malformed(&ctx, &e);
+            ctx.spawn(sink.fail(status).map(|_| ()))
+        }
+    }
+}
 
 /// Counts open streams against the configured limit.
 pub struct StreamLimit {
@@ -112,24 +189,16 @@ impl ChatService {
 
     /// The grpcio service with every `chat.v1.Chat` method.
     pub fn build(self) -> Service {
-        let (s1, s2, s3, s4, s5, s6, s7) = (
-            self.clone(),
-            self.clone(),
-            self.clone(),
-            self.clone(),
-            self.clone(),
-            self.clone(),
-            self.clone(),
-        );
+        let chat = self.clone();
         ServiceBuilder::new()
-            .add_unary_handler(&JOIN, move |ctx, req, sink| s1.join(ctx, req, sink))
-            .add_server_streaming_handler(&HISTORY, move |ctx, req, sink| s2.history(ctx, req, sink))
-            .add_duplex_streaming_handler(&CHAT, move |ctx, req, sink| s3.chat(ctx, req, sink))
-            .add_unary_handler(&SEND, move |ctx, req, sink| s4.send(ctx, req, sink))
-            .add_server_streaming_handler(&SUBSCRIBE, move |ctx, req, sink| s5.subscribe(ctx, req, sink))
-            .add_unary_handler(&LEAVE, move |ctx, req, sink| s6.leave(ctx, req, sink))
-            .add_unary_handler(&LIST_ROOMS, move |ctx, req, sink| s7.list_rooms(ctx, req, sink))
-            .add_unary_handler(&LIST_MEMBERS, move |ctx, req, sink| self.list_members(ctx, req, sink))
+            .add_unary_handler(&JOIN, unary(&self, ChatService::join))
+            .add_server_streaming_handler(&HISTORY, server_streaming(&self, ChatService::history))
+            .add_duplex_streaming_handler(&CHAT, move |ctx, req, sink| chat.chat(ctx, req, sink))
+            .add_unary_handler(&SEND, unary(&self, ChatService::send))
+            .add_server_streaming_handler(&SUBSCRIBE, server_streaming(&self, ChatService::subscribe))
+            .add_unary_handler(&LEAVE, unary(&self, ChatService::leave))
+            .add_unary_handler(&LIST_ROOMS, unary(&self, ChatService::list_rooms))
+            .add_unary_handler(&LIST_MEMBERS, unary(&self, ChatService::list_members))
             .build()
     }
 
