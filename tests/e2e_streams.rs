@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use e2e::*;
 use futures::executor::block_on;
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use grpc_chat::pb::{self, client_frame::Frame, server_event::Event};
 use grpcio::{ChannelBuilder, EnvBuilder, RpcStatusCode};
 
@@ -377,4 +377,36 @@ fn a_stream_that_never_says_hello_is_closed_and_frees_its_place() {
     assert_eq!(msg, "no hello within 0.3 s");
     // Its place under the stream limit (1 here) is free again.
     assert!(gets_in_soon(&c, "next"), "the silent stream's place was released");
+}
+
+#[test]
+fn a_stream_half_closed_before_its_hello_ends_at_once_and_one_after_it_keeps_receiving() {
+    // A hello timeout far beyond the test's deadlines: only the half-close can end the
+    // first stream in time, and it must free its place (the limit is 2 here).
+    let server = server(|c| {
+        c.max_streams = 2;
+        c.broker.hello_timeout = Duration::from_secs(600);
+    });
+    let c = client(&server.addr());
+
+    let mut quiet = ChatStream::open(&c);
+    block_on(quiet.tx.close()).expect("half-closes");
+    let (code, msg) = quiet.events.end();
+    assert_eq!(code, RpcStatusCode::INVALID_ARGUMENT, "{msg}");
+    assert_eq!(msg, "the client ended its side of the stream before its hello");
+
+    // After its hello a half-closed stream is a listener: it receives until the server
+    // or the client ends the call.
+    let (mut listener, _) = ChatStream::join(&c, "listener", "r");
+    block_on(listener.tx.close()).expect("half-closes");
+    assert!(gets_in_soon(&c, "poster"), "the quiet stream's place was released");
+    let joined = c.join(&pb::JoinRequest { user: "unary".into(), room: "r".into() }).expect("joins");
+    let sent = c.send(&pb::SendRequest {
+        session: joined.session,
+        text: "after the half-close".into(),
+        client_msg_id: String::new(),
+    });
+    let seq = sent.expect("sent").seq;
+    let m = listener.events.message();
+    assert_eq!((m.seq, m.text.as_str(), m.user.as_str()), (seq, "after the half-close", "unary"));
 }
