@@ -410,3 +410,45 @@ fn a_stream_half_closed_before_its_hello_ends_at_once_and_one_after_it_keeps_rec
     let m = listener.events.message();
     assert_eq!((m.seq, m.text.as_str(), m.user.as_str()), (seq, "after the half-close", "unary"));
 }
+
+#[test]
+fn a_history_call_the_client_does_not_read_holds_a_place_under_the_stream_limit_until_it_ends() {
+    let server = server(|c| c.max_streams = 1);
+    let c = client(&server.addr());
+    // 500 messages of 4000 bytes: 2 MB of history, far more than the reader's window.
+    let filler = c.join(&pb::JoinRequest { user: "filler".into(), room: "r".into() }).expect("joins");
+    for i in 0..500 {
+        let text = format!("{i:04}").repeat(1000);
+        c.send(&pb::SendRequest { session: filler.session.clone(), text, client_msg_id: String::new() })
+            .expect("sent");
+    }
+
+    // A reader with a fixed 64 KiB window (no BDP probing) takes one message and stops.
+    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
+    let ch = ChannelBuilder::new(env)
+        .use_local_subchannel_pool(true)
+        .http2_bdp_probe(false)
+        .stream_initial_window_size(64 * 1024)
+        .connect(&server.addr());
+    assert!(block_on(ch.wait_for_connected(WAIT)), "connects");
+    let request = pb::HistoryRequest { room: "r".into(), since_seq: 0, limit: 0 };
+    let reader = pb::ChatClient::new(ch);
+    let mut stalled = reader.history(&request).expect("starts");
+    let first = block_on(stalled.next()).expect("a message").expect("no error");
+    assert_eq!(first.seq, 1);
+
+    // Its call holds the only place: a stream and another History call are refused.
+    let mut refused = ChatStream::open(&c);
+    refused.send(hello("late", "r"));
+    assert_eq!(refused.events.end().0, RpcStatusCode::RESOURCE_EXHAUSTED, "a stream");
+    let other = block_on(c.history(&request).expect("starts").collect::<Vec<_>>());
+    assert!(
+        matches!(&other[..], [Err(grpcio::Error::RpcFailure(s))] if s.code() == RpcStatusCode::RESOURCE_EXHAUSTED),
+        "another History call: {:?}",
+        other.iter().map(|r| r.as_ref().map(|m| m.seq)).collect::<Vec<_>>()
+    );
+
+    // Cancelled, the call gives its place back.
+    drop(stalled);
+    assert!(gets_in_soon(&c, "late"), "the History call's place was released");
+}

@@ -229,13 +229,25 @@ impl ChatService {
         match self.hub.read(|b| b.history(&req.room, Seq(req.since_seq), limit)) {
             Err(rejection) => ctx.spawn(sink.fail(encode::rpc_status(&rejection)).map(|_| ())),
             Ok(messages) => {
+                // A call whose client does not read stays open with up to a flow-control
+                // window of messages in the server, like a stream: it takes a place under
+                // the stream limit until it ends.
+                let Some(permit) = self.limit.acquire() else {
+                    warn!(
+                        "refused a History call from {}: stream limit {} reached",
+                        ctx.peer(),
+                        self.limit.max
+                    );
+                    return ctx.spawn(sink.fail(self.limit_status()).map(|_| ()));
+                };
+                // Each message is converted when the sink takes it: the call holds references
+                // to the room's messages, not copies of them.
                 let last = messages.len().saturating_sub(1);
-                let items: Vec<_> = messages
-                    .iter()
-                    .enumerate()
-                    .map(|(i, m)| Ok((encode::chat_message(m), WriteFlags::default().buffer_hint(i < last))))
-                    .collect();
+                let items = messages.into_iter().enumerate().map(move |(i, m)| {
+                    Ok((encode::chat_message(&m), WriteFlags::default().buffer_hint(i < last)))
+                });
                 ctx.spawn(async move {
+                    let _permit = permit;
                     let mut items = futures::stream::iter(items);
                     if sink.send_all(&mut items).await.is_ok() {
                         let _ = sink.close().await;
