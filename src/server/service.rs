@@ -94,37 +94,37 @@ fn malformed(ctx: &RpcContext, error: &grpcio::Error) -> RpcStatus {
     RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, why)
 }
 
-type UnaryHandler<Req, Resp> = fn(&ChatService, RpcContext, Req, UnarySink<Resp>);
-type StreamingHandler<Req, Resp> = fn(&ChatService, RpcContext, Req, ServerStreamingSink<Resp>);
+type Handler<Req, Sink> = fn(&ChatService, RpcContext, Req, Sink);
 
-/// `handle` as a grpcio unary handler, behind the check that the request decoded.
-fn unary<Req: 'static, Resp: Send + 'static>(
+/// `handle` as a grpcio handler, behind the check that the request decoded: one that did
+/// not ends the call through `fail` with `INVALID_ARGUMENT`.
+fn checked<Req: 'static, Sink: 'static>(
     service: &ChatService,
-    handle: UnaryHandler<Req, Resp>,
-) -> impl FnMut(RpcContext, Request<Req>, UnarySink<Resp>) + Send + Clone + 'static {
+    handle: Handler<Req, Sink>,
+    fail: fn(&RpcContext, Sink, RpcStatus),
+) -> impl FnMut(RpcContext, Request<Req>, Sink) + Send + Clone + 'static {
     let service = service.clone();
     move |ctx, request, sink| match request.0 {
         Ok(request) => handle(&service, ctx, request, sink),
         Err(e) => {
             let status = malformed(&ctx, &e);
-            reply_unary(&ctx, sink, Err(status))
+            fail(&ctx, sink, status)
         }
     }
 }
 
-/// `handle` as a grpcio server-streaming handler, behind the check that the request decoded.
+fn unary<Req: 'static, Resp: Send + 'static>(
+    service: &ChatService,
+    handle: Handler<Req, UnarySink<Resp>>,
+) -> impl FnMut(RpcContext, Request<Req>, UnarySink<Resp>) + Send + Clone + 'static {
+    checked(service, handle, |ctx, sink, status| reply_unary(ctx, sink, Err(status)))
+}
+
 fn server_streaming<Req: 'static, Resp: Send + 'static>(
     service: &ChatService,
-    handle: StreamingHandler<Req, Resp>,
+    handle: Handler<Req, ServerStreamingSink<Resp>>,
 ) -> impl FnMut(RpcContext, Request<Req>, ServerStreamingSink<Resp>) + Send + Clone + 'static {
-    let service = service.clone();
-    move |ctx, request, sink| match request.0 {
-        Ok(request) => handle(&service, ctx, request, sink),
-        Err(e) => {
-            let status = malformed(&ctx, &e);
-            ctx.spawn(sink.fail(status).map(|_| ()))
-        }
-    }
+    checked(service, handle, |ctx, sink, status| ctx.spawn(sink.fail(status).map(|_| ())))
 }
 
 /// Counts open streams against the configured limit.
