@@ -190,6 +190,31 @@ fn an_evicted_room_gives_its_history_weight_back() {
 }
 
 #[test]
+fn a_stream_half_closed_before_its_hello_is_closed_at_once_and_one_after_it_goes_on() {
+    let mut h = Harness::new(config());
+    let quiet = h.open();
+    let refused = h.input(Input::HalfClosed { conn: quiet });
+    assert_eq!(refused.map_err(|r| r.code), Err(Code::InvalidArgument));
+    assert_eq!(h.close_code(quiet), Some(Code::InvalidArgument));
+    assert_eq!(
+        h.close_of(quiet).error.as_ref().map(|e| e.reason.to_string()).as_deref(),
+        Some("the client ended its side of the stream before its hello")
+    );
+    assert_eq!(h.broker.stream_count(), 0);
+    assert_eq!(h.broker.poll_timeout(), None, "its hello deadline went with it");
+
+    let (listener, _) = h.connect("ann", "r");
+    assert_eq!(h.input(Input::HalfClosed { conn: listener }), Ok(Accepted::Ignored));
+    assert!(!h.is_closed(listener));
+    let (poster, _) = h.connect("bob", "r");
+    let seq = h.post(poster, "still heard").expect("posted").seq;
+    assert_eq!(h.live_seqs(listener), vec![seq.get()], "a half-closed member still receives");
+    // Twice, or for a stream already gone, it changes nothing.
+    assert_eq!(h.input(Input::HalfClosed { conn: listener }), Ok(Accepted::Ignored));
+    assert_eq!(h.input(Input::HalfClosed { conn: quiet }), Ok(Accepted::Ignored));
+}
+
+#[test]
 fn a_stream_without_its_first_frame_is_closed_after_the_hello_timeout() {
     let timeout = Duration::from_secs(10);
     let mut h = Harness::new(BrokerConfig { hello_timeout: timeout, ..config() });

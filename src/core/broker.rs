@@ -164,6 +164,7 @@ impl Broker {
                 let (user, room) = self.end_session(id, Ending::Left);
                 Ok(Accepted::Left { user, room })
             }
+            Input::HalfClosed { conn } => self.half_closed(now, conn),
             Input::StreamEnded { conn } => Ok(self.detach(now, conn, None)),
             Input::Lagging { conn } => {
                 let close =

@@ -75,6 +75,13 @@ pub enum Input {
         /// Session token.
         session: String,
     },
+    /// The client ended its side of a `Chat` stream: it sends no more frames. A stream
+    /// still waiting for its hello is closed (`INVALID_ARGUMENT`), since it could never
+    /// receive anything; any other goes on receiving.
+    HalfClosed {
+        /// The stream.
+        conn: ConnId,
+    },
     /// The stream ended without a leave (client gone, cancelled, write failed). Its
     /// session stays reserved for the resume grace period.
     StreamEnded {

@@ -301,8 +301,6 @@ fn drive<S: EventSink>(
         }
     }
     let mut reading = requests.is_some();
-    // Whether a frame was taken: the first must be the hello, so none means no hello.
-    let mut greeted = false;
     let mut closing: Option<Close> = None;
     let end = 'run: loop {
         let mut busy = false;
@@ -315,24 +313,19 @@ fn drive<S: EventSink>(
                     if let Err(status) = handle_frame(hub, shared, frame) {
                         break 'run End::Refused(status);
                     }
-                    greeted = true;
                 }
                 Poll::Ready(Some(Err(grpcio::Error::Codec(e)))) => {
                     let why = format!("malformed frame: {e}");
                     break 'run End::Refused(RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, why));
                 }
                 Poll::Ready(Some(Err(_))) => break 'run End::Gone,
-                // Half-closed: the client sends no more, but still receives; without a
-                // hello there is nothing to receive, so the stream ends now rather than
-                // at the hello timeout.
-                Poll::Ready(None) if !greeted => {
-                    let why = "the client ended its side of the stream before its hello";
-                    break 'run End::Refused(RpcStatus::with_message(
-                        RpcStatusCode::INVALID_ARGUMENT,
-                        why.into(),
-                    ));
+                // Half-closed: the client sends no more, but still receives (unless the
+                // core closes a stream that never said hello).
+                Poll::Ready(None) => {
+                    reading = false;
+                    let result = hub.input(Input::HalfClosed { conn: shared.conn() });
+                    hub::log_result("half-close", &result);
                 }
-                Poll::Ready(None) => reading = false,
                 Poll::Pending => break,
             }
         }

@@ -41,6 +41,16 @@ impl Broker {
         Ok(self.attach(conn, session, hello.since, hello.epoch))
     }
 
+    pub(super) fn half_closed(&mut self, now: Instant, conn: ConnId) -> Result<Accepted, Rejection> {
+        match self.conns.get(&conn) {
+            Some(Conn::AwaitingHello { .. }) => {
+                let why = "the client ended its side of the stream before its hello";
+                Err(self.close_with(now, conn, Code::InvalidArgument, why))
+            }
+            _ => Ok(Accepted::Ignored),
+        }
+    }
+
     pub(super) fn subscribe(
         &mut self,
         now: Instant,
