@@ -127,39 +127,61 @@ fn server_streaming<Req: 'static, Resp: Send + 'static>(
     checked(service, handle, |ctx, sink, status| ctx.spawn(sink.fail(status).map(|_| ())))
 }
 
-/// Counts open streams against the configured limit.
+/// Counts open streams, and `History` calls in progress, against the configured limit.
 pub struct StreamLimit {
     max: usize,
-    open: AtomicUsize,
+    /// Places taken: streams and `History` calls.
+    taken: AtomicUsize,
+    /// Of those, streams: what the pacer shares its budget among.
+    streams: AtomicUsize,
 }
 
 impl StreamLimit {
     /// A limit of `max` concurrent streams.
     pub fn new(max: usize) -> Arc<StreamLimit> {
-        Arc::new(StreamLimit { max, open: AtomicUsize::new(0) })
+        Arc::new(StreamLimit { max, taken: AtomicUsize::new(0), streams: AtomicUsize::new(0) })
     }
 
-    /// Streams open now.
+    /// Streams open now (not counting `History` calls).
     pub fn open(&self) -> usize {
-        self.open.load(Ordering::SeqCst)
+        self.streams.load(Ordering::SeqCst)
     }
 
+    /// A place for a stream, or none at the limit.
     pub(super) fn acquire(self: &Arc<Self>) -> Option<Permit> {
-        let before = self.open.fetch_add(1, Ordering::SeqCst);
+        self.take(true)
+    }
+
+    /// A place for a `History` call, or none at the limit.
+    fn acquire_call(self: &Arc<Self>) -> Option<Permit> {
+        self.take(false)
+    }
+
+    fn take(self: &Arc<Self>, stream: bool) -> Option<Permit> {
+        let before = self.taken.fetch_add(1, Ordering::SeqCst);
         if before >= self.max {
-            self.open.fetch_sub(1, Ordering::SeqCst);
+            self.taken.fetch_sub(1, Ordering::SeqCst);
             return None;
         }
-        Some(Permit(Arc::clone(self)))
+        if stream {
+            self.streams.fetch_add(1, Ordering::SeqCst);
+        }
+        Some(Permit { limit: Arc::clone(self), stream })
     }
 }
 
-/// One open stream; released when dropped.
-pub(super) struct Permit(Arc<StreamLimit>);
+/// One place under the limit; given back when dropped.
+pub(super) struct Permit {
+    limit: Arc<StreamLimit>,
+    stream: bool,
+}
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::SeqCst);
+        if self.stream {
+            self.limit.streams.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.limit.taken.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -231,8 +253,8 @@ impl ChatService {
             Ok(messages) => {
                 // A call whose client does not read stays open with up to a flow-control
                 // window of messages in the server, like a stream: it takes a place under
-                // the stream limit until it ends.
-                let Some(permit) = self.limit.acquire() else {
+                // the stream limit until it ends (but is no stream to the pacer).
+                let Some(permit) = self.limit.acquire_call() else {
                     warn!(
                         "refused a History call from {}: stream limit {} reached",
                         ctx.peer(),
@@ -381,5 +403,26 @@ fn reply_unary<T: Send + 'static>(ctx: &RpcContext, sink: UnarySink<T>, reply: R
     match reply {
         Ok(value) => ctx.spawn(sink.success(value).map(|_| ())),
         Err(status) => ctx.spawn(sink.fail(status).map(|_| ())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StreamLimit;
+
+    #[test]
+    fn history_calls_share_the_limit_but_are_not_counted_as_streams() {
+        let limit = StreamLimit::new(2);
+        let call = limit.acquire_call().expect("a place");
+        let stream = limit.acquire().expect("a place");
+        assert_eq!(limit.open(), 1, "only the stream is open to the pacer");
+        assert!(limit.acquire().is_none(), "the call and the stream fill the limit");
+        assert!(limit.acquire_call().is_none());
+        drop(call);
+        let second = limit.acquire().expect("the call's place");
+        assert_eq!(limit.open(), 2);
+        drop((stream, second));
+        assert_eq!(limit.open(), 0);
+        assert!(limit.acquire_call().is_some());
     }
 }
