@@ -452,3 +452,65 @@ fn a_history_call_the_client_does_not_read_holds_a_place_under_the_stream_limit_
     drop(stalled);
     assert!(gets_in_soon(&c, "late"), "the History call's place was released");
 }
+
+/// The first bytes of every HTTP/2 connection, then an empty SETTINGS frame.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+
+/// Reads HTTP/2 frames from `socket` until one of type `kind` with the ACK flag and
+/// `payload` arrives (`Ok`), or the server closes the connection (`Err` with what ended it).
+fn until_ack(socket: &mut std::net::TcpStream, kind: u8, payload: &[u8]) -> Result<(), String> {
+    use std::io::Read;
+    loop {
+        let mut head = [0u8; 9];
+        socket.read_exact(&mut head).map_err(|e| format!("closed: {e}"))?;
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let mut body = vec![0u8; len];
+        socket.read_exact(&mut body).map_err(|e| format!("closed: {e}"))?;
+        if head[3] == kind && head[4] & 1 == 1 && body == payload {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads from `socket` until the server closes it; `Err` if it is still open at `WAIT`.
+fn until_closed(mut socket: std::net::TcpStream) -> Result<(), String> {
+    use std::io::Read;
+    socket.set_read_timeout(Some(WAIT)).expect("sets a timeout");
+    let mut buf = [0u8; 4096];
+    loop {
+        match socket.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
+            Err(e) => return Err(format!("still open after {WAIT:?}: {e}")),
+        }
+    }
+}
+
+#[test]
+fn a_connection_that_does_not_open_http2_in_time_is_closed_and_one_that_did_is_kept() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let server = server(|c| c.handshake_timeout = Duration::from_millis(500));
+    let addr = server.addr();
+    // Opened first: had the handshake timeout applied to it, it would be closed first.
+    let mut opened = TcpStream::connect(&addr).expect("connects");
+    opened.set_read_timeout(Some(WAIT)).expect("sets a timeout");
+    opened.write_all(&[PREFACE, &EMPTY_SETTINGS].concat()).expect("writes");
+    until_ack(&mut opened, 4, &[]).expect("the server acknowledges the SETTINGS");
+    let silent = TcpStream::connect(&addr).expect("connects");
+    let mut preface_only = TcpStream::connect(&addr).expect("connects");
+    preface_only.write_all(PREFACE).expect("writes");
+
+    // C-core's default would keep these two for 120 s, far beyond WAIT.
+    until_closed(silent).expect("a connection that sends nothing");
+    until_closed(preface_only).expect("a connection that sends no SETTINGS");
+
+    // The one that opened HTTP/2 answers a PING after both were closed.
+    let ping = [0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+    opened.write_all(&ping).expect("writes");
+    until_ack(&mut opened, 6, &ping[9..]).expect("the connection that opened HTTP/2 is kept");
+    // And real clients still get in.
+    assert!(gets_in_soon(&client(&addr), "after"), "a grpcio client joins");
+}

@@ -70,6 +70,10 @@ struct Args {
     /// is closed with DEADLINE_EXCEEDED
     #[arg(long, default_value_t = 10.0)]
     hello_timeout: f64,
+    /// Seconds a new connection may take to open HTTP/2 (its preface and first SETTINGS)
+    /// before it is closed; until then it holds a file descriptor
+    #[arg(long, default_value_t = 10.0)]
+    handshake_timeout: f64,
     /// Seconds shutdown waits for streams to take their notice.
     #[arg(long, default_value_t = 5.0)]
     shutdown_grace: f64,
@@ -108,6 +112,9 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
     if args.history == 0 {
         return Err("--history must be at least 1".into());
     }
+    if args.handshake_timeout <= 0.0 {
+        return Err("--handshake-timeout must be more than 0 seconds".into());
+    }
     let rate_limit = if args.rate_limit > 0.0 {
         Some(RateLimit { per_second: args.rate_limit, burst: args.burst.max(1) })
     } else {
@@ -140,6 +147,7 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
         queue_capacity: args.queue.max(1),
         stream_stack_size: args.stack_kib.max(64) * 1024,
         shutdown_grace: seconds(args.shutdown_grace, "shutdown-grace")?,
+        handshake_timeout: seconds(args.handshake_timeout, "handshake-timeout")?,
         writes_per_second: args.writes_per_second,
         pacer_threads: args.pacer_threads.max(1),
         cq_count: args.cq_threads.max(1),

@@ -18,6 +18,7 @@ pub mod pacer;
 pub mod service;
 pub mod stream;
 
+use std::ffi::CString;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,10 @@ pub struct ServerConfig {
     pub keepalive_time: Duration,
     /// How long a keepalive ping may go unanswered before the connection is dropped.
     pub keepalive_timeout: Duration,
+    /// How long a new connection may take to open HTTP/2 (send its preface and first
+    /// SETTINGS frame) before the server closes it. C-core's own default is 120 s, during
+    /// which a connection that says nothing holds a file descriptor.
+    pub handshake_timeout: Duration,
     /// The shortest interval at which a client may ping while the server sends it nothing
     /// (a quiet room). A client that pings more often is cut off with `too_many_pings`.
     pub min_client_ping_interval: Duration,
@@ -100,6 +105,7 @@ impl Default for ServerConfig {
             keepalive_time: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             min_client_ping_interval: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
             cq_count: 1,
             writes_per_second: WriteBudget::default(),
@@ -168,6 +174,10 @@ impl ChatServer {
             .keepalive_time(config.keepalive_time)
             .keepalive_timeout(config.keepalive_timeout)
             .http2_min_recv_ping_interval_without_data(config.min_client_ping_interval)
+            .raw_cfg_int(
+                CString::new("grpc.server_handshake_timeout_ms").expect("no NUL"),
+                i32::try_from(config.handshake_timeout.as_millis()).unwrap_or(i32::MAX).max(1),
+            )
             .build_args();
         let mut server = ServerBuilder::new(Arc::clone(&env))
             .channel_args(args)
