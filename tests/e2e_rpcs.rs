@@ -323,3 +323,60 @@ fn rate_limit_answers_resource_exhausted() {
     send("2").expect("within burst");
     assert_eq!(code_of(send("3")), RpcStatusCode::RESOURCE_EXHAUSTED);
 }
+
+/// Waits until `done` holds, checking every 10 ms; panics naming `what` after `WAIT`.
+fn until(what: &str, done: impl Fn() -> bool) {
+    let started = std::time::Instant::now();
+    while !done() {
+        assert!(started.elapsed() < WAIT, "not within {WAIT:?}: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn directory_replies_a_client_does_not_take_are_held_within_a_budget_given_back_when_the_calls_end() {
+    const BUDGET: usize = 300_000;
+    let server = server(|c| {
+        c.directory_reply_bytes = BUDGET;
+        c.broker.attach_timeout = std::time::Duration::from_secs(600);
+    });
+    let c = client(&server.addr());
+    // 2000 rooms with 60-character names: a ListRooms reply of about 130 KB, twice the
+    // window the stopped client below grants each call.
+    for i in 0..2000 {
+        let room = format!("room-{i:055}");
+        c.join(&pb::JoinRequest { user: "u".into(), room }).expect("joins");
+    }
+    let size = prost::Message::encoded_len(&c.list_rooms(&pb::ListRoomsRequest {}).expect("lists"));
+    assert!(2 * size <= BUDGET && 3 * size > BUDGET, "two replies of {size} bytes fit, three do not");
+    assert_eq!(server.stats().directory_reply_bytes, 0, "a reply taken is given back");
+
+    // A client that stops reading, with a 64 KiB window per call and no more.
+    let relay = Relay::to(&server.addr());
+    let env = std::sync::Arc::new(grpcio::EnvBuilder::new().cq_count(1).build());
+    let channel = grpcio::ChannelBuilder::new(env)
+        .use_local_subchannel_pool(true)
+        .http2_bdp_probe(false)
+        .stream_initial_window_size(64 * 1024)
+        .connect(&relay.addr);
+    assert!(block_on(channel.wait_for_connected(WAIT)), "connects through the relay");
+    let stopped = pb::ChatClient::new(channel);
+    relay.freeze();
+    let calls: Vec<_> =
+        (0..3).map(|_| stopped.list_rooms_async(&pb::ListRoomsRequest {}).expect("starts")).collect();
+    // Two replies are held for it; the third call was refused.
+    until("two replies held", || server.stats().directory_reply_bytes == 2 * size);
+
+    let refused = c.list_rooms(&pb::ListRoomsRequest {});
+    let (code, msg) = failure(refused);
+    assert_eq!(code, RpcStatusCode::RESOURCE_EXHAUSTED, "{msg}");
+    assert!(msg.contains("ListRooms and ListMembers replies"), "{msg}");
+    // What still fits is answered: a room of one member.
+    let small = c.list_members(&pb::ListMembersRequest { room: format!("room-{:055}", 7) });
+    assert_eq!(small.expect("a small reply fits").members, ["u"]);
+
+    // Cancelled, the stopped client's calls give their bytes back.
+    drop((calls, stopped));
+    until("the budget given back", || server.stats().directory_reply_bytes == 0);
+    assert_eq!(c.list_rooms(&pb::ListRoomsRequest {}).expect("lists again").rooms.len(), 2000);
+}

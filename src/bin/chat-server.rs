@@ -60,6 +60,10 @@ struct Args {
     /// Most sessions the server holds.
     #[arg(long, default_value_t = 100_000)]
     max_sessions: usize,
+    /// Most memory ListRooms and ListMembers replies may hold while their clients have not
+    /// taken them, in MiB (0 = no limit); past it such calls get RESOURCE_EXHAUSTED
+    #[arg(long, default_value_t = 64)]
+    directory_mib: usize,
     /// Seconds a session whose stream dropped stays reserved for a resume.
     #[arg(long, default_value_t = 15.0)]
     resume_grace: f64,
@@ -147,6 +151,10 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
         queue_capacity: args.queue.max(1),
         stream_stack_size: args.stack_kib.max(64) * 1024,
         shutdown_grace: seconds(args.shutdown_grace, "shutdown-grace")?,
+        directory_reply_bytes: match args.directory_mib {
+            0 => usize::MAX,
+            mib => mib.saturating_mul(1 << 20),
+        },
         handshake_timeout: seconds(args.handshake_timeout, "handshake-timeout")?,
         writes_per_second: args.writes_per_second,
         pacer_threads: args.pacer_threads.max(1),

@@ -30,7 +30,7 @@ use log::{info, warn};
 use crate::core::{Broker, BrokerConfig, Input};
 pub use budget::WriteBudget;
 use hub::Hub;
-use service::{ChatService, StreamLimit};
+use service::{ChatService, ReplyBudget, StreamLimit};
 
 /// How long shutdown waits, after the grace period, for C-core to close the connections.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -62,6 +62,10 @@ pub struct ServerConfig {
     /// The shortest interval at which a client may ping while the server sends it nothing
     /// (a quiet room). A client that pings more often is cut off with `too_many_pings`.
     pub min_client_ping_interval: Duration,
+    /// Most bytes of `ListRooms` and `ListMembers` replies held while their clients have
+    /// not taken them (flow control); past it such calls get `RESOURCE_EXHAUSTED`.
+    /// `usize::MAX` for no limit.
+    pub directory_reply_bytes: usize,
     /// How long shutdown waits for streams to take their notice and status.
     pub shutdown_grace: Duration,
     /// Number of grpcio completion-queue threads.
@@ -106,6 +110,7 @@ impl Default for ServerConfig {
             keepalive_timeout: Duration::from_secs(10),
             min_client_ping_interval: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            directory_reply_bytes: 64 << 20,
             shutdown_grace: Duration::from_secs(5),
             cq_count: 1,
             writes_per_second: WriteBudget::default(),
@@ -123,6 +128,9 @@ pub struct ServerStats {
     pub streams: usize,
     /// Sessions held by the core.
     pub sessions: usize,
+    /// Bytes of `ListRooms` and `ListMembers` replies waiting for their clients to take
+    /// them (see [`ServerConfig::directory_reply_bytes`]).
+    pub directory_reply_bytes: usize,
 }
 
 /// A running chat server. Dropping it shuts it down like [`ChatServer::shutdown`].
@@ -130,6 +138,7 @@ pub struct ChatServer {
     server: Option<Server>,
     hub: Arc<Hub>,
     limit: Arc<StreamLimit>,
+    replies: Arc<ReplyBudget>,
     health: HealthService,
     addr: String,
     grace: Duration,
@@ -150,6 +159,7 @@ impl ChatServer {
         let broker = Broker::new(config.broker.clone(), u64::from_le_bytes(seed));
         let hub = Hub::start(broker, config.queue_capacity)?;
         let limit = StreamLimit::new(config.max_streams);
+        let replies = ReplyBudget::new(config.directory_reply_bytes);
         let pacing = pacer::Pacing::start(
             Arc::clone(&limit),
             config.writes_per_second,
@@ -159,6 +169,7 @@ impl ChatServer {
         let service = ChatService::new(
             Arc::clone(&hub),
             Arc::clone(&limit),
+            Arc::clone(&replies),
             pacing,
             config.stream_stack_size,
             config.on_thread_start,
@@ -197,7 +208,16 @@ impl ChatServer {
         let host = config.listen.rsplit_once(':').map_or(config.listen.as_str(), |(h, _)| h);
         let addr = format!("{host}:{port}");
         info!("chat server listening on {addr}");
-        Ok(ChatServer { server: Some(server), hub, limit, health, addr, grace: config.shutdown_grace, env })
+        Ok(ChatServer {
+            server: Some(server),
+            hub,
+            limit,
+            replies,
+            health,
+            addr,
+            grace: config.shutdown_grace,
+            env,
+        })
     }
 
     /// The address clients connect to, with the bound port (`127.0.0.1:PORT`).
@@ -212,7 +232,11 @@ impl ChatServer {
 
     /// Open streams and live sessions.
     pub fn stats(&self) -> ServerStats {
-        ServerStats { streams: self.limit.open(), sessions: self.hub.read(|b| b.session_count()) }
+        ServerStats {
+            streams: self.limit.open(),
+            sessions: self.hub.read(|b| b.session_count()),
+            directory_reply_bytes: self.replies.held(),
+        }
     }
 
     /// Closes every open stream as if it were too slow (`RESOURCE_EXHAUSTED`), keeping

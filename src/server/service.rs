@@ -185,11 +185,58 @@ impl Drop for Permit {
     }
 }
 
+/// Bounds the bytes of `ListRooms` and `ListMembers` replies that are sent but not yet
+/// taken by the transport. Such a reply is one message of up to megabytes (every room's
+/// name, every member's name) for a request of a few bytes; the call keeps it until its
+/// client's HTTP/2 flow control lets it out. A client that stops reading, or never grants
+/// window, could otherwise make the server hold a copy for each call it makes.
+pub struct ReplyBudget {
+    /// Most bytes held; `usize::MAX` for no limit.
+    max: usize,
+    held: AtomicUsize,
+}
+
+impl ReplyBudget {
+    /// A budget of `max` bytes.
+    pub fn new(max: usize) -> Arc<ReplyBudget> {
+        Arc::new(ReplyBudget { max, held: AtomicUsize::new(0) })
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// A charge of `bytes`, or none when it would take the total past the budget. While
+    /// nothing is held any one reply is admitted, so a budget smaller than a reply still
+    /// lets replies out one at a time.
+    fn charge(self: &Arc<Self>, bytes: usize) -> Option<Charge> {
+        let admitted = self.held.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+            let total = held.saturating_add(bytes);
+            (held == 0 || total <= self.max).then_some(total)
+        });
+        admitted.ok().map(|_| Charge { budget: Arc::clone(self), bytes })
+    }
+}
+
+/// Bytes of one reply held against the [`ReplyBudget`]; given back when dropped.
+struct Charge {
+    budget: Arc<ReplyBudget>,
+    bytes: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget.held.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct ChatService {
     hub: Arc<Hub>,
     limit: Arc<StreamLimit>,
+    replies: Arc<ReplyBudget>,
     pacing: Arc<Pacing>,
     stack_size: usize,
     on_thread_start: Option<fn(ThreadRole)>,
@@ -198,15 +245,16 @@ pub struct ChatService {
 impl ChatService {
     /// A service over `hub`, with at most `limit` concurrent streams, each on a thread
     /// with `stack_size` bytes of stack that first calls `on_thread_start` (if any) with
-    /// [`ThreadRole::Stream`].
+    /// [`ThreadRole::Stream`], and directory replies held within `replies`.
     pub fn new(
         hub: Arc<Hub>,
         limit: Arc<StreamLimit>,
+        replies: Arc<ReplyBudget>,
         pacing: Arc<Pacing>,
         stack_size: usize,
         on_thread_start: Option<fn(ThreadRole)>,
     ) -> ChatService {
-        ChatService { hub, limit, pacing, stack_size, on_thread_start }
+        ChatService { hub, limit, replies, pacing, stack_size, on_thread_start }
     }
 
     /// The grpcio service with every `chat.v1.Chat` method.
@@ -333,7 +381,7 @@ impl ChatService {
 
     fn list_rooms(&self, ctx: RpcContext, _req: pb::ListRoomsRequest, sink: UnarySink<pb::ListRoomsReply>) {
         let rooms = self.hub.read(|b| b.rooms());
-        reply_unary(&ctx, sink, Ok(encode::rooms_reply(&rooms)));
+        self.reply_directory(&ctx, sink, Ok(encode::rooms_reply(&rooms)));
     }
 
     fn list_members(
@@ -343,11 +391,39 @@ impl ChatService {
         sink: UnarySink<pb::ListMembersReply>,
     ) {
         let members = self.hub.read(|b| b.members(&req.room));
-        reply_unary(
-            &ctx,
-            sink,
-            members.map(|m| encode::members_reply(&m)).map_err(|r| encode::rpc_status(&r)),
-        );
+        let reply = members.map(|m| encode::members_reply(&m)).map_err(|r| encode::rpc_status(&r));
+        self.reply_directory(&ctx, sink, reply);
+    }
+
+    /// Sends a `ListRooms` or `ListMembers` reply with its size charged to the reply
+    /// budget until the transport has taken it (or the call failed), or refuses the call
+    /// with `RESOURCE_EXHAUSTED` when the budget has no room for it.
+    fn reply_directory<T: prost::Message + Send + 'static>(
+        &self,
+        ctx: &RpcContext,
+        sink: UnarySink<T>,
+        reply: Result<T, RpcStatus>,
+    ) {
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(status) => return reply_unary(ctx, sink, Err(status)),
+        };
+        let Some(charge) = self.replies.charge(reply.encoded_len()) else {
+            warn!(
+                "refused {} from {}: {} bytes of directory replies are waiting for their clients",
+                String::from_utf8_lossy(ctx.method()),
+                ctx.peer(),
+                self.replies.held()
+            );
+            let why = format!(
+                "the server holds its limit of {} KiB of ListRooms and ListMembers replies that \
+                 their clients have not taken yet; try again",
+                self.replies.max / 1024
+            );
+            let status = RpcStatus::with_message(RpcStatusCode::RESOURCE_EXHAUSTED, why);
+            return reply_unary(ctx, sink, Err(status));
+        };
+        ctx.spawn(sink.success(reply).map(move |_| drop(charge)));
     }
 
     fn limit_status(&self) -> RpcStatus {
@@ -408,7 +484,23 @@ fn reply_unary<T: Send + 'static>(ctx: &RpcContext, sink: UnarySink<T>, reply: R
 
 #[cfg(test)]
 mod tests {
-    use super::StreamLimit;
+    use super::{ReplyBudget, StreamLimit};
+
+    #[test]
+    fn the_reply_budget_admits_what_fits_and_any_one_reply_while_it_holds_nothing() {
+        let budget = ReplyBudget::new(100);
+        let big = budget.charge(250).expect("alone, a reply over the budget goes out");
+        assert!(budget.charge(1).is_none(), "nothing more while it is held");
+        drop(big);
+        let (a, b) = (budget.charge(60).expect("fits"), budget.charge(40).expect("fits exactly"));
+        assert_eq!(budget.held(), 100);
+        assert!(budget.charge(1).is_none(), "full");
+        drop(a);
+        assert!(budget.charge(61).is_none(), "60 given back, 61 do not fit");
+        let c = budget.charge(60).expect("60 fit again");
+        drop((b, c));
+        assert_eq!(budget.held(), 0);
+    }
 
     #[test]
     fn history_calls_share_the_limit_but_are_not_counted_as_streams() {
