@@ -514,3 +514,71 @@ fn a_connection_that_does_not_open_http2_in_time_is_closed_and_one_that_did_is_k
     // And real clients still get in.
     assert!(gets_in_soon(&client(&addr), "after"), "a grpcio client joins");
 }
+
+/// An HTTP/2 frame: the 9-byte header, then `payload`.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The frames of a unary `ListRooms` call on `stream`: HEADERS (each field an HPACK literal
+/// with a literal name) and one DATA frame with an empty request, which ends the stream.
+fn list_rooms_call(stream: u32) -> Vec<u8> {
+    let fields = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/chat.v1.Chat/ListRooms"),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ];
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        block.push(0);
+        block.push(name.len() as u8);
+        block.extend_from_slice(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    [frame(1, 0x4, stream, &block), frame(0, 0x1, stream, &[0; 5])].concat()
+}
+
+#[test]
+fn a_connection_that_grants_no_window_holds_at_most_its_share_of_calls_and_is_closed_past_it() {
+    use std::io::{Read, Write};
+    const PER_CONNECTION: usize = 50;
+    let server = server(|c| c.max_calls_per_connection = Some(PER_CONNECTION));
+    let mut socket = std::net::TcpStream::connect(server.addr()).expect("connects");
+    socket.set_read_timeout(Some(WAIT)).expect("sets a timeout");
+    // SETTINGS_INITIAL_WINDOW_SIZE 0: no reply can send its message, so no call ends.
+    socket.write_all(&[PREFACE, &frame(4, 0, 0, &[0, 4, 0, 0, 0, 0])].concat()).expect("writes");
+    // The server's SETTINGS announce the limit; the client acknowledges them, from when
+    // C-core enforces it.
+    let limit = loop {
+        let mut head = [0u8; 9];
+        socket.read_exact(&mut head).expect("the server's SETTINGS");
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let mut body = vec![0u8; len];
+        socket.read_exact(&mut body).expect("its payload");
+        if head[3] == 4 && head[4] & 1 == 0 {
+            let setting = body.chunks(6).find(|s| s[..2] == [0, 3]).expect("MAX_CONCURRENT_STREAMS");
+            break u32::from_be_bytes(setting[2..].try_into().expect("4 bytes")) as usize;
+        }
+    };
+    assert_eq!(limit, PER_CONNECTION);
+    socket.write_all(&frame(4, 1, 0, &[])).expect("acknowledges");
+
+    // As many calls as the limit: none can end, and the connection stays up.
+    let calls: Vec<u8> = (0..PER_CONNECTION as u32).flat_map(|i| list_rooms_call(2 * i + 1)).collect();
+    socket.write_all(&calls).expect("writes");
+    let ping = frame(6, 0, 0, &[9, 8, 7, 6, 5, 4, 3, 2]);
+    socket.write_all(&ping).expect("writes");
+    until_ack(&mut socket, 6, &ping[9..]).expect("the connection holds its calls and answers a PING");
+    // One more is refused by closing the connection, which ends all its calls.
+    socket.write_all(&list_rooms_call(2 * PER_CONNECTION as u32 + 1)).expect("writes");
+    until_closed(socket).expect("the connection that opened one call too many");
+    assert!(gets_in_soon(&client(&server.addr()), "after"), "the server goes on");
+}

@@ -36,6 +36,10 @@ struct Args {
     /// Most concurrent Chat and Subscribe streams; past it, RESOURCE_EXHAUSTED at once.
     #[arg(long, default_value_t = 10_000)]
     max_streams: usize,
+    /// Most calls one connection may have open at once (HTTP/2 MAX_CONCURRENT_STREAMS);
+    /// default --max-streams + 1024
+    #[arg(long)]
+    max_calls_per_connection: Option<usize>,
     /// Events queued per stream before that member counts as too slow and is cut off.
     #[arg(long, default_value_t = 1024)]
     queue: usize,
@@ -148,6 +152,7 @@ fn config(args: &Args) -> Result<ServerConfig, String> {
         listen: args.listen.clone(),
         broker,
         max_streams: args.max_streams,
+        max_calls_per_connection: args.max_calls_per_connection,
         queue_capacity: args.queue.max(1),
         stream_stack_size: args.stack_kib.max(64) * 1024,
         shutdown_grace: seconds(args.shutdown_grace, "shutdown-grace")?,

@@ -68,6 +68,13 @@ pub struct ServerConfig {
     pub directory_reply_bytes: usize,
     /// How long shutdown waits for streams to take their notice and status.
     pub shutdown_grace: Duration,
+    /// Most calls one connection may have open at once (HTTP/2 `MAX_CONCURRENT_STREAMS`);
+    /// `None` for `max_streams` + 1024, so that one connection can still reach the stream
+    /// limit and be refused past it. A call whose reply waits for the client's flow-control
+    /// window keeps about 16 KiB of C-core's state until it ends; this bounds how many one
+    /// connection can hold. A client opening more is closed by C-core (a grpcio client waits
+    /// for a call to end instead).
+    pub max_calls_per_connection: Option<usize>,
     /// Number of grpcio completion-queue threads.
     pub cq_count: usize,
     /// Writes per second over all streams (0 = unpaced), fixed or moving in a range with
@@ -112,6 +119,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             directory_reply_bytes: 64 << 20,
             shutdown_grace: Duration::from_secs(5),
+            max_calls_per_connection: None,
             cq_count: 1,
             writes_per_second: WriteBudget::default(),
             pacer_threads: 3,
@@ -180,11 +188,14 @@ impl ChatServer {
         health.set_serving_status("chat.v1.Chat", ServingStatus::Serving);
 
         let receive = config.max_receive_bytes.unwrap_or(config.broker.limits.max_text_bytes + 1024);
+        let calls_per_connection =
+            config.max_calls_per_connection.unwrap_or(config.max_streams.saturating_add(1024)).max(1);
         let args = ChannelBuilder::new(Arc::clone(&env))
             .max_receive_message_len(i32::try_from(receive).unwrap_or(i32::MAX))
             .keepalive_time(config.keepalive_time)
             .keepalive_timeout(config.keepalive_timeout)
             .http2_min_recv_ping_interval_without_data(config.min_client_ping_interval)
+            .max_concurrent_stream(i32::try_from(calls_per_connection).unwrap_or(i32::MAX))
             .raw_cfg_int(
                 CString::new("grpc.server_handshake_timeout_ms").expect("no NUL"),
                 i32::try_from(config.handshake_timeout.as_millis()).unwrap_or(i32::MAX).max(1),
