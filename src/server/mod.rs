@@ -71,7 +71,7 @@ pub struct ServerConfig {
     /// Most calls one connection may have open at once (HTTP/2 `MAX_CONCURRENT_STREAMS`);
     /// `None` for `max_streams` + 1024, so that one connection can still reach the stream
     /// limit and be refused past it. A call whose reply waits for the client's flow-control
-    /// window keeps about 16 KiB of C-core's state until it ends; this bounds how many one
+    /// window keeps about 16 KB of C-core's state until it ends; this bounds how many one
     /// connection can hold. A client opening more is closed by C-core (a grpcio client waits
     /// for a call to end instead).
     pub max_calls_per_connection: Option<usize>,
