@@ -453,21 +453,26 @@ fn a_history_call_the_client_does_not_read_holds_a_place_under_the_stream_limit_
     assert!(gets_in_soon(&c, "late"), "the History call's place was released");
 }
 
-/// The first bytes of every HTTP/2 connection, then an empty SETTINGS frame.
+/// The first bytes of every HTTP/2 connection.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+
+/// The next HTTP/2 frame from `socket`: (type, flags, payload), or what ended the connection.
+fn read_frame(socket: &mut std::net::TcpStream) -> Result<(u8, u8, Vec<u8>), String> {
+    use std::io::Read;
+    let mut head = [0u8; 9];
+    socket.read_exact(&mut head).map_err(|e| format!("closed: {e}"))?;
+    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    let mut payload = vec![0u8; len];
+    socket.read_exact(&mut payload).map_err(|e| format!("closed: {e}"))?;
+    Ok((head[3], head[4], payload))
+}
 
 /// Reads HTTP/2 frames from `socket` until one of type `kind` with the ACK flag and
 /// `payload` arrives (`Ok`), or the server closes the connection (`Err` with what ended it).
 fn until_ack(socket: &mut std::net::TcpStream, kind: u8, payload: &[u8]) -> Result<(), String> {
-    use std::io::Read;
     loop {
-        let mut head = [0u8; 9];
-        socket.read_exact(&mut head).map_err(|e| format!("closed: {e}"))?;
-        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-        let mut body = vec![0u8; len];
-        socket.read_exact(&mut body).map_err(|e| format!("closed: {e}"))?;
-        if head[3] == kind && head[4] & 1 == 1 && body == payload {
+        let (k, flags, body) = read_frame(socket)?;
+        if k == kind && flags & 1 == 1 && body == payload {
             return Ok(());
         }
     }
@@ -497,7 +502,7 @@ fn a_connection_that_does_not_open_http2_in_time_is_closed_and_one_that_did_is_k
     // Opened first: had the handshake timeout applied to it, it would be closed first.
     let mut opened = TcpStream::connect(&addr).expect("connects");
     opened.set_read_timeout(Some(WAIT)).expect("sets a timeout");
-    opened.write_all(&[PREFACE, &EMPTY_SETTINGS].concat()).expect("writes");
+    opened.write_all(&[PREFACE, &frame(4, 0, 0, &[])].concat()).expect("writes");
     until_ack(&mut opened, 4, &[]).expect("the server acknowledges the SETTINGS");
     let silent = TcpStream::connect(&addr).expect("connects");
     let mut preface_only = TcpStream::connect(&addr).expect("connects");
@@ -548,7 +553,7 @@ fn list_rooms_call(stream: u32) -> Vec<u8> {
 
 #[test]
 fn a_connection_that_grants_no_window_holds_at_most_its_share_of_calls_and_is_closed_past_it() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     const PER_CONNECTION: usize = 50;
     let server = server(|c| c.max_calls_per_connection = Some(PER_CONNECTION));
     let mut socket = std::net::TcpStream::connect(server.addr()).expect("connects");
@@ -558,12 +563,8 @@ fn a_connection_that_grants_no_window_holds_at_most_its_share_of_calls_and_is_cl
     // The server's SETTINGS announce the limit; the client acknowledges them, from when
     // C-core enforces it.
     let limit = loop {
-        let mut head = [0u8; 9];
-        socket.read_exact(&mut head).expect("the server's SETTINGS");
-        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-        let mut body = vec![0u8; len];
-        socket.read_exact(&mut body).expect("its payload");
-        if head[3] == 4 && head[4] & 1 == 0 {
+        let (kind, flags, body) = read_frame(&mut socket).expect("the server's SETTINGS");
+        if kind == 4 && flags & 1 == 0 {
             let setting = body.chunks(6).find(|s| s[..2] == [0, 3]).expect("MAX_CONCURRENT_STREAMS");
             break u32::from_be_bytes(setting[2..].try_into().expect("4 bytes")) as usize;
         }
