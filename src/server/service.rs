@@ -381,7 +381,7 @@ impl ChatService {
 
     fn list_rooms(&self, ctx: RpcContext, _req: pb::ListRoomsRequest, sink: UnarySink<pb::ListRoomsReply>) {
         let rooms = self.hub.read(|b| b.rooms());
-        self.reply_directory(&ctx, sink, Ok(encode::rooms_reply(&rooms)));
+        self.reply_directory(&ctx, sink, encode::rooms_reply(&rooms));
     }
 
     fn list_members(
@@ -390,9 +390,10 @@ impl ChatService {
         req: pb::ListMembersRequest,
         sink: UnarySink<pb::ListMembersReply>,
     ) {
-        let members = self.hub.read(|b| b.members(&req.room));
-        let reply = members.map(|m| encode::members_reply(&m)).map_err(|r| encode::rpc_status(&r));
-        self.reply_directory(&ctx, sink, reply);
+        match self.hub.read(|b| b.members(&req.room)) {
+            Ok(members) => self.reply_directory(&ctx, sink, encode::members_reply(&members)),
+            Err(rejection) => reply_unary(&ctx, sink, Err(encode::rpc_status(&rejection))),
+        }
     }
 
     /// Sends a `ListRooms` or `ListMembers` reply with its size charged to the reply
@@ -402,12 +403,8 @@ impl ChatService {
         &self,
         ctx: &RpcContext,
         sink: UnarySink<T>,
-        reply: Result<T, RpcStatus>,
+        reply: T,
     ) {
-        let reply = match reply {
-            Ok(reply) => reply,
-            Err(status) => return reply_unary(ctx, sink, Err(status)),
-        };
         let Some(charge) = self.replies.charge(reply.encoded_len()) else {
             warn!(
                 "refused {} from {}: {} bytes of directory replies are waiting for their clients",
