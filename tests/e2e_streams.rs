@@ -458,13 +458,7 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The next HTTP/2 frame from `socket`: (type, flags, payload), or what ended the connection.
 fn read_frame(socket: &mut std::net::TcpStream) -> Result<(u8, u8, Vec<u8>), String> {
-    use std::io::Read;
-    let mut head = [0u8; 9];
-    socket.read_exact(&mut head).map_err(|e| format!("closed: {e}"))?;
-    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-    let mut payload = vec![0u8; len];
-    socket.read_exact(&mut payload).map_err(|e| format!("closed: {e}"))?;
-    Ok((head[3], head[4], payload))
+    read_frame_on(socket).map(|(kind, flags, _, payload)| (kind, flags, payload))
 }
 
 /// Reads HTTP/2 frames from `socket` until one of type `kind` with the ACK flag and
@@ -529,26 +523,87 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The frames of a unary `ListRooms` call on `stream`: HEADERS (each field an HPACK literal
-/// with a literal name) and one DATA frame with an empty request, which ends the stream.
+/// The frames of a unary `ListRooms` call on `stream`: its HEADERS and one DATA frame with
+/// an empty request, which ends the stream.
 fn list_rooms_call(stream: u32) -> Vec<u8> {
+    [headers(stream, "/chat.v1.Chat/ListRooms", &[], 0), frame(0, 0x1, stream, &[0; 5])].concat()
+}
+
+/// The HEADERS (and, past 16 KiB, CONTINUATION) frames that open a call of `path` on
+/// `stream` with the `extra` metadata, each field an HPACK literal with a literal name;
+/// `flags` are added to the HEADERS frame's END_HEADERS (END_STREAM: no request follows).
+fn headers(stream: u32, path: &str, extra: &[(&str, &str)], flags: u8) -> Vec<u8> {
+    /// An HPACK string: its length as a 7-bit prefix integer, then its bytes.
+    fn string(out: &mut Vec<u8>, s: &str) {
+        let mut len = s.len();
+        if len < 127 {
+            out.push(len as u8);
+        } else {
+            out.push(127);
+            len -= 127;
+            while len >= 128 {
+                out.push((len % 128) as u8 | 128);
+                len /= 128;
+            }
+            out.push(len as u8);
+        }
+        out.extend_from_slice(s.as_bytes());
+    }
     let fields = [
         (":method", "POST"),
         (":scheme", "http"),
-        (":path", "/chat.v1.Chat/ListRooms"),
+        (":path", path),
         (":authority", "localhost"),
         ("content-type", "application/grpc"),
         ("te", "trailers"),
     ];
     let mut block = Vec::new();
-    for (name, value) in fields {
+    for (name, value) in fields.iter().chain(extra) {
         block.push(0);
-        block.push(name.len() as u8);
-        block.extend_from_slice(name.as_bytes());
-        block.push(value.len() as u8);
-        block.extend_from_slice(value.as_bytes());
+        string(&mut block, name);
+        string(&mut block, value);
     }
-    [frame(1, 0x4, stream, &block), frame(0, 0x1, stream, &[0; 5])].concat()
+    let parts: Vec<&[u8]> = block.chunks(16 * 1024).collect();
+    let last = parts.len() - 1;
+    let mut out = Vec::new();
+    for (i, part) in parts.into_iter().enumerate() {
+        let end_headers = if i == last { 0x4 } else { 0 };
+        let (kind, flags) = if i == 0 { (1, end_headers | flags) } else { (9, end_headers) };
+        out.extend(frame(kind, flags, stream, part));
+    }
+    out
+}
+
+/// The next HEADERS frame from `socket` that ends its stream (the call's status):
+/// (stream, header block); what else arrived before it is kept in `seen` as (type, stream).
+fn next_status(
+    socket: &mut std::net::TcpStream,
+    seen: &mut Vec<(u8, u32)>,
+) -> Result<(u32, Vec<u8>), String> {
+    loop {
+        let (kind, flags, stream, body) = read_frame_on(socket)?;
+        if kind == 1 && flags & 0x1 == 1 {
+            return Ok((stream, body));
+        }
+        seen.push((kind, stream));
+    }
+}
+
+/// [`read_frame`] with the frame's stream.
+fn read_frame_on(socket: &mut std::net::TcpStream) -> Result<(u8, u8, u32, Vec<u8>), String> {
+    use std::io::Read;
+    let mut head = [0u8; 9];
+    socket.read_exact(&mut head).map_err(|e| format!("closed: {e}"))?;
+    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    let stream = u32::from_be_bytes(head[5..].try_into().expect("4 bytes")) & 0x7fff_ffff;
+    let mut payload = vec![0u8; len];
+    socket.read_exact(&mut payload).map_err(|e| format!("closed: {e}"))?;
+    Ok((head[3], head[4], stream, payload))
+}
+
+/// Whether `haystack` holds `needle`.
+fn holds(haystack: &[u8], needle: &str) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
 #[test]
@@ -581,5 +636,73 @@ fn a_connection_that_grants_no_window_holds_at_most_its_share_of_calls_and_is_cl
     // One more is refused by closing the connection, which ends all its calls.
     socket.write_all(&list_rooms_call(2 * PER_CONNECTION as u32 + 1)).expect("writes");
     until_closed(socket).expect("the connection that opened one call too many");
+    assert!(gets_in_soon(&client(&server.addr()), "after"), "the server goes on");
+}
+
+#[test]
+fn a_connection_that_never_acknowledges_the_limit_is_held_to_it_and_to_the_metadata_limit_by_the_server() {
+    use std::io::Write;
+    const PER_CONNECTION: usize = 40;
+    // C-core enforces MAX_CONCURRENT_STREAMS and MAX_HEADER_LIST_SIZE only once the client
+    // has acknowledged them; the server's call gate allows a quarter more, plus one.
+    const GATE: usize = PER_CONNECTION + PER_CONNECTION / 4 + 1;
+    let server = server(|c| c.max_calls_per_connection = Some(PER_CONNECTION));
+    let mut socket = std::net::TcpStream::connect(server.addr()).expect("connects");
+    socket.set_read_timeout(Some(WAIT)).expect("sets a timeout");
+    socket.write_all(&[PREFACE, &frame(4, 0, 0, &[])].concat()).expect("writes");
+    // The server's SETTINGS, which this client never acknowledges.
+    while read_frame(&mut socket).expect("the server's SETTINGS").0 != 4 {}
+    let mut seen = Vec::new();
+
+    // A unary call that ends without its request.
+    socket.write_all(&headers(1, "/chat.v1.Chat/Join", &[], 0x1)).expect("writes");
+    let (stream, status) = next_status(&mut socket, &mut seen).expect("a status");
+    assert_eq!(stream, 1);
+    assert!(holds(&status, "the call ended without its request"), "{}", String::from_utf8_lossy(&status));
+
+    // A stream with 20,000 bytes of metadata: C-core would let up to 16 MiB through.
+    let pad = "m".repeat(20_000);
+    socket.write_all(&headers(3, "/chat.v1.Chat/Chat", &[("x-pad", &pad)], 0)).expect("writes");
+    let (stream, status) = next_status(&mut socket, &mut seen).expect("a status");
+    assert_eq!(stream, 3);
+    assert!(holds(&status, "over the limit of 16384 bytes"), "{}", String::from_utf8_lossy(&status));
+
+    // Calls that send their headers and never a request: the gate holds as many as it
+    // allows, and the next is refused at once (grpcio alone would show none of them to
+    // the server, and C-core would hold every one).
+    let held: Vec<u8> =
+        (0..GATE as u32).flat_map(|i| headers(5 + 2 * i, "/chat.v1.Chat/ListRooms", &[], 0)).collect();
+    socket.write_all(&held).expect("writes");
+    let next = 5 + 2 * GATE as u32;
+    socket.write_all(&headers(next, "/chat.v1.Chat/ListRooms", &[], 0)).expect("writes");
+    let (stream, status) = next_status(&mut socket, &mut seen).expect("a status");
+    assert_eq!(stream, next, "the first call to end is the one past the gate");
+    assert!(
+        holds(&status, &format!("its limit of {GATE} calls open")),
+        "{}",
+        String::from_utf8_lossy(&status)
+    );
+    assert!(
+        !seen.iter().any(|&(kind, stream)| kind == 1 && stream >= 5),
+        "the held calls got nothing: {seen:?}"
+    );
+    let ping = frame(6, 0, 0, &[1, 2, 3, 4, 5, 6, 7, 8]);
+    socket.write_all(&ping).expect("writes");
+    until_ack(&mut socket, 6, &ping[9..]).expect("the connection is kept");
+
+    // One of the held calls ends (its client resets it) and gives its place back.
+    socket.write_all(&frame(3, 0, 5, &8u32.to_be_bytes())).expect("writes");
+    let again = next + 2;
+    let call = [headers(again, "/chat.v1.Chat/ListRooms", &[], 0), frame(0, 0x1, again, &[0; 5])].concat();
+    socket.write_all(&call).expect("writes");
+    let (stream, status) = loop {
+        // The reset call may still get its status (C-core sends what the server ends it with).
+        match next_status(&mut socket, &mut seen).expect("a status") {
+            (5, _) => continue,
+            other => break other,
+        }
+    };
+    assert_eq!(stream, again, "the call in the freed place is answered");
+    assert!(!holds(&status, "calls open"), "{}", String::from_utf8_lossy(&status));
     assert!(gets_in_soon(&client(&server.addr()), "after"), "the server goes on");
 }

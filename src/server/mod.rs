@@ -12,7 +12,9 @@
 //!   moving with the machine's load.
 
 pub mod budget;
+pub mod calls;
 pub mod encode;
+pub mod health;
 pub mod hub;
 pub mod pacer;
 pub mod service;
@@ -24,11 +26,12 @@ use std::time::{Duration, Instant};
 
 use grpcio::{ChannelBuilder, EnvBuilder, Environment, Server, ServerBuilder, ServerCredentials};
 use grpcio_health::proto::ServingStatus;
-use grpcio_health::HealthService;
 use log::{info, warn};
 
 use crate::core::{Broker, BrokerConfig, Input};
 pub use budget::WriteBudget;
+use calls::CallGate;
+use health::Health;
 use hub::Hub;
 use service::{ChatService, ReplyBudget, StreamLimit};
 
@@ -73,7 +76,9 @@ pub struct ServerConfig {
     /// limit and be refused past it. A call whose reply waits for the client's flow-control
     /// window keeps about 16 KB of C-core's state until it ends; this bounds how many one
     /// connection can hold. A client opening more is closed by C-core (a grpcio client waits
-    /// for a call to end instead).
+    /// for a call to end instead). C-core holds a client to it only once the client has
+    /// acknowledged the SETTINGS that announce it; the server's call gate
+    /// ([`calls::CallGate`]) holds the others to a quarter more.
     pub max_calls_per_connection: Option<usize>,
     /// Number of grpcio completion-queue threads.
     pub cq_count: usize,
@@ -147,7 +152,7 @@ pub struct ChatServer {
     hub: Arc<Hub>,
     limit: Arc<StreamLimit>,
     replies: Arc<ReplyBudget>,
-    health: HealthService,
+    health: Arc<Health>,
     addr: String,
     grace: Duration,
     env: Arc<Environment>,
@@ -174,22 +179,27 @@ impl ChatServer {
             config.max_write_interval,
             config.pacer_threads,
         )?;
+        let receive = config.max_receive_bytes.unwrap_or(config.broker.limits.max_text_bytes + 1024);
+        let calls_per_connection =
+            config.max_calls_per_connection.unwrap_or(config.max_streams.saturating_add(1024)).max(1);
+        // The gate counts calls a little after C-core does (when their end reaches a
+        // completion queue), so it allows a quarter more than C-core: a client that keeps
+        // to the announced limit never meets it.
+        let gate = CallGate::new(calls_per_connection.saturating_add(calls_per_connection / 4 + 1));
         let service = ChatService::new(
             Arc::clone(&hub),
             Arc::clone(&limit),
             Arc::clone(&replies),
+            Arc::clone(&gate),
             pacing,
             config.stream_stack_size,
             config.on_thread_start,
         )
         .build();
-        let health = HealthService::default();
-        health.set_serving_status("", ServingStatus::Serving);
-        health.set_serving_status("chat.v1.Chat", ServingStatus::Serving);
+        let health = Arc::new(Health::default());
+        health.set("", ServingStatus::Serving);
+        health.set("chat.v1.Chat", ServingStatus::Serving);
 
-        let receive = config.max_receive_bytes.unwrap_or(config.broker.limits.max_text_bytes + 1024);
-        let calls_per_connection =
-            config.max_calls_per_connection.unwrap_or(config.max_streams.saturating_add(1024)).max(1);
         let args = ChannelBuilder::new(Arc::clone(&env))
             .max_receive_message_len(i32::try_from(receive).unwrap_or(i32::MAX))
             .keepalive_time(config.keepalive_time)
@@ -204,7 +214,7 @@ impl ChatServer {
         let mut server = ServerBuilder::new(Arc::clone(&env))
             .channel_args(args)
             .register_service(service)
-            .register_service(grpcio_health::create_health(health.clone()))
+            .register_service(health.service(&gate))
             .build()
             .map_err(io_err)?;
         let port = server.add_listening_port(config.listen.as_str(), ServerCredentials::insecure()).map_err(
@@ -272,8 +282,8 @@ impl ChatServer {
     fn stop(&mut self) {
         let Some(mut server) = self.server.take() else { return };
         info!("shutting down: notifying {} streams", self.limit.open());
-        self.health.set_serving_status("", ServingStatus::NotServing);
-        self.health.set_serving_status("chat.v1.Chat", ServingStatus::NotServing);
+        self.health.set("", ServingStatus::NotServing);
+        self.health.set("chat.v1.Chat", ServingStatus::NotServing);
         let deadline = Instant::now() + self.grace;
         self.hub.begin_shutdown(Instant::now() + (self.grace / 2).min(Duration::from_secs(1)));
         let _ = self.hub.input(Input::Shutdown { notice: "server shutting down".into() });
@@ -301,7 +311,7 @@ impl ChatServer {
                 warn!("cannot start a thread to finish the shutdown: {e}");
             }
         }
-        self.health.shutdown();
+        self.health.shut_down();
         info!("server stopped");
     }
 }

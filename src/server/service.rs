@@ -1,21 +1,22 @@
 //! The `chat.v1.Chat` service: method descriptors and handlers.
 //!
-//! Handlers run on grpcio's completion-queue threads and return at once: unary calls
-//! take the hub's lock briefly and hand their reply to `ctx.spawn`; streams get a
-//! thread of their own. Nothing here blocks on a future.
+//! Handlers run on grpcio's completion-queue threads and return at once: every call
+//! passes the call gate when its headers arrive ([`super::calls`]); calls with one request
+//! take the hub's lock briefly and hand their reply to `ctx.spawn`; streams get a thread
+//! of their own. Nothing here blocks on a future.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use futures::{FutureExt as _, SinkExt as _};
 use grpcio::{
-    DuplexSink, Marshaller, Method, MethodType, RequestStream, RpcContext, RpcStatus, RpcStatusCode,
-    ServerStreamingSink, Service, ServiceBuilder, UnarySink, WriteFlags,
+    DuplexSink, Marshaller, Method, MethodType, RequestStream, RpcContext, RpcStatus, RpcStatusCode, Service,
+    ServiceBuilder,
 };
-use log::{debug, error, info, warn};
+use log::{error, info, warn};
 use parking_lot::Mutex;
 
+use super::calls::{self, one_request, one_request_method, CallGate, Request, Responder};
 use super::encode::{self, deserialize_encoded, serialize_encoded, Encoded};
 use super::hub::{self, Caller, Hub};
 use super::pacer::{self, Pacing};
@@ -29,103 +30,25 @@ const fn prost<T: prost::Message + Default>() -> Marshaller<T> {
 
 const ENCODED: Marshaller<Encoded> = Marshaller { ser: serialize_encoded, de: deserialize_encoded };
 
-/// The request of a unary or server-streaming call: decoded, or why it did not decode.
-///
-/// grpcio ends a call whose request its marshaller cannot decode with `INTERNAL` and
-/// "Failed to deserialize response message"; with this marshaller, which never fails,
-/// the handler answers `INVALID_ARGUMENT` and says what was wrong, as a `Chat` stream
-/// does for a malformed frame.
-struct Request<T>(grpcio::Result<T>);
-
-fn decode_request<T: prost::Message + Default>(reader: grpcio::MessageReader) -> grpcio::Result<Request<T>> {
-    Ok(Request(grpcio::pr_de(reader)))
-}
-
-fn encode_request<T: prost::Message>(
-    request: &Request<T>,
-    out: &mut grpcio::GrpcSlice,
-) -> grpcio::Result<()> {
-    match &request.0 {
-        Ok(message) => grpcio::pr_ser(message, out),
-        Err(_) => Err(grpcio::Error::Codec("a request that did not decode cannot be sent".into())),
-    }
-}
-
-const fn method<Req, Resp>(
-    ty: MethodType,
-    name: &'static str,
-    resp: Marshaller<Resp>,
-) -> Method<Request<Req>, Resp>
-where
-    Req: prost::Message + Default,
-{
-    Method {
-        ty,
-        name,
-        req_mar: Marshaller { ser: encode_request::<Req>, de: decode_request::<Req> },
-        resp_mar: resp,
-    }
-}
-
+// Every method is registered as duplex, so that the call gate sees each call when its
+// headers arrive (see `calls`); those whose client sends one request are unary or
+// server-streaming on the wire as before.
 const JOIN: Method<Request<pb::JoinRequest>, pb::JoinReply> =
-    method(MethodType::Unary, "/chat.v1.Chat/Join", prost());
+    one_request_method("/chat.v1.Chat/Join", prost());
 const HISTORY: Method<Request<pb::HistoryRequest>, pb::ChatMessage> =
-    method(MethodType::ServerStreaming, "/chat.v1.Chat/History", prost());
+    one_request_method("/chat.v1.Chat/History", prost());
 const CHAT: Method<pb::ClientFrame, Encoded> =
     Method { ty: MethodType::Duplex, name: "/chat.v1.Chat/Chat", req_mar: prost(), resp_mar: ENCODED };
 const SEND: Method<Request<pb::SendRequest>, pb::SendReply> =
-    method(MethodType::Unary, "/chat.v1.Chat/Send", prost());
+    one_request_method("/chat.v1.Chat/Send", prost());
 const SUBSCRIBE: Method<Request<pb::SubscribeRequest>, Encoded> =
-    method(MethodType::ServerStreaming, "/chat.v1.Chat/Subscribe", ENCODED);
+    one_request_method("/chat.v1.Chat/Subscribe", ENCODED);
 const LEAVE: Method<Request<pb::LeaveRequest>, pb::LeaveReply> =
-    method(MethodType::Unary, "/chat.v1.Chat/Leave", prost());
+    one_request_method("/chat.v1.Chat/Leave", prost());
 const LIST_ROOMS: Method<Request<pb::ListRoomsRequest>, pb::ListRoomsReply> =
-    method(MethodType::Unary, "/chat.v1.Chat/ListRooms", prost());
+    one_request_method("/chat.v1.Chat/ListRooms", prost());
 const LIST_MEMBERS: Method<Request<pb::ListMembersRequest>, pb::ListMembersReply> =
-    method(MethodType::Unary, "/chat.v1.Chat/ListMembers", prost());
-
-/// The status of a request that did not decode (logged at debug level).
-fn malformed(ctx: &RpcContext, error: &grpcio::Error) -> RpcStatus {
-    let why = match error {
-        grpcio::Error::Codec(e) => format!("malformed request: {e}"),
-        other => format!("malformed request: {other}"),
-    };
-    debug!("{} from {}: {why}", String::from_utf8_lossy(ctx.method()), ctx.peer());
-    RpcStatus::with_message(RpcStatusCode::INVALID_ARGUMENT, why)
-}
-
-type Handler<Req, Sink> = fn(&ChatService, RpcContext, Req, Sink);
-
-/// `handle` as a grpcio handler, behind the check that the request decoded: one that did
-/// not ends the call through `fail` with `INVALID_ARGUMENT`.
-fn checked<Req: 'static, Sink: 'static>(
-    service: &ChatService,
-    handle: Handler<Req, Sink>,
-    fail: fn(&RpcContext, Sink, RpcStatus),
-) -> impl FnMut(RpcContext, Request<Req>, Sink) + Send + Clone + 'static {
-    let service = service.clone();
-    move |ctx, request, sink| match request.0 {
-        Ok(request) => handle(&service, ctx, request, sink),
-        Err(e) => {
-            let status = malformed(&ctx, &e);
-            fail(&ctx, sink, status)
-        }
-    }
-}
-
-fn unary<Req: 'static, Resp: Send + 'static>(
-    service: &ChatService,
-    handle: Handler<Req, UnarySink<Resp>>,
-) -> impl FnMut(RpcContext, Request<Req>, UnarySink<Resp>) + Send + Clone + 'static {
-    checked(service, handle, |ctx, sink, status| reply_unary(ctx, sink, Err(status)))
-}
-
-fn server_streaming<Req: 'static, Resp: Send + 'static>(
-    service: &ChatService,
-    handle: Handler<Req, ServerStreamingSink<Resp>>,
-) -> impl FnMut(RpcContext, Request<Req>, ServerStreamingSink<Resp>) + Send + Clone + 'static {
-    checked(service, handle, |ctx, sink, status| ctx.spawn(sink.fail(status).map(|_| ())))
-}
+    one_request_method("/chat.v1.Chat/ListMembers", prost());
 
 /// Counts open streams, and `History` calls in progress, against the configured limit.
 pub struct StreamLimit {
@@ -237,124 +160,164 @@ pub struct ChatService {
     hub: Arc<Hub>,
     limit: Arc<StreamLimit>,
     replies: Arc<ReplyBudget>,
+    gate: Arc<CallGate>,
     pacing: Arc<Pacing>,
     stack_size: usize,
     on_thread_start: Option<fn(ThreadRole)>,
 }
 
+/// A handler of a method whose client sends one request and gets one reply.
+type Unary<Req, Resp> = fn(&ChatService, &str, Req) -> Result<Resp, RpcStatus>;
+
 impl ChatService {
     /// A service over `hub`, with at most `limit` concurrent streams, each on a thread
     /// with `stack_size` bytes of stack that first calls `on_thread_start` (if any) with
-    /// [`ThreadRole::Stream`], and directory replies held within `replies`.
+    /// [`ThreadRole::Stream`], directory replies held within `replies`, and every call
+    /// admitted at `gate`.
     pub fn new(
         hub: Arc<Hub>,
         limit: Arc<StreamLimit>,
         replies: Arc<ReplyBudget>,
+        gate: Arc<CallGate>,
         pacing: Arc<Pacing>,
         stack_size: usize,
         on_thread_start: Option<fn(ThreadRole)>,
     ) -> ChatService {
-        ChatService { hub, limit, replies, pacing, stack_size, on_thread_start }
+        ChatService { hub, limit, replies, gate, pacing, stack_size, on_thread_start }
     }
 
     /// The grpcio service with every `chat.v1.Chat` method.
     pub fn build(self) -> Service {
         let chat = self.clone();
+        let (history, subscribe) = (self.clone(), self.clone());
+        let (rooms, members) = (self.clone(), self.clone());
         ServiceBuilder::new()
-            .add_unary_handler(&JOIN, unary(&self, ChatService::join))
-            .add_server_streaming_handler(&HISTORY, server_streaming(&self, ChatService::history))
+            .add_duplex_streaming_handler(&JOIN, self.unary(ChatService::join))
+            .add_duplex_streaming_handler(
+                &HISTORY,
+                one_request(&self.gate, move |peer, req, responder| history.history(&peer, req, responder)),
+            )
             .add_duplex_streaming_handler(&CHAT, move |ctx, req, sink| chat.chat(ctx, req, sink))
-            .add_unary_handler(&SEND, unary(&self, ChatService::send))
-            .add_server_streaming_handler(&SUBSCRIBE, server_streaming(&self, ChatService::subscribe))
-            .add_unary_handler(&LEAVE, unary(&self, ChatService::leave))
-            .add_unary_handler(&LIST_ROOMS, unary(&self, ChatService::list_rooms))
-            .add_unary_handler(&LIST_MEMBERS, unary(&self, ChatService::list_members))
+            .add_duplex_streaming_handler(&SEND, self.unary(ChatService::send))
+            .add_duplex_streaming_handler(
+                &SUBSCRIBE,
+                one_request(&self.gate, move |peer, req, responder| {
+                    subscribe.subscribe(&peer, req, responder)
+                }),
+            )
+            .add_duplex_streaming_handler(&LEAVE, self.unary(ChatService::leave))
+            .add_duplex_streaming_handler(
+                &LIST_ROOMS,
+                one_request(&self.gate, move |peer, _req, responder| {
+                    let reply = encode::rooms_reply(&rooms.hub.read(|b| b.rooms()));
+                    rooms.reply_directory(&peer, "ListRooms", Ok(reply), responder)
+                }),
+            )
+            .add_duplex_streaming_handler(
+                &LIST_MEMBERS,
+                one_request(&self.gate, move |peer, req: pb::ListMembersRequest, responder| {
+                    let reply = members.hub.read(|b| b.members(&req.room));
+                    let reply = reply.map(|m| encode::members_reply(&m)).map_err(|r| encode::rpc_status(&r));
+                    members.reply_directory(&peer, "ListMembers", reply, responder)
+                }),
+            )
             .build()
     }
 
-    fn join(&self, ctx: RpcContext, req: pb::JoinRequest, sink: UnarySink<pb::JoinReply>) {
+    /// `handle` as the handler of a one-request, one-reply method.
+    fn unary<Req: Send + 'static, Resp: Send + 'static>(
+        &self,
+        handle: Unary<Req, Resp>,
+    ) -> impl FnMut(RpcContext, RequestStream<Request<Req>>, DuplexSink<Resp>) + Send + Clone + 'static {
+        let service = self.clone();
+        one_request(&self.gate, move |peer, req, responder: Responder<Resp>| {
+            responder.answer(handle(&service, &peer, req))
+        })
+    }
+
+    fn join(&self, _peer: &str, req: pb::JoinRequest) -> Result<pb::JoinReply, RpcStatus> {
         let (user, room) = (req.user.clone(), req.room.clone());
         let result = self.hub.input_from(
             Caller::Handler,
             Input::Join { user: req.user, room: req.room, token: stream::new_token() },
         );
-        let reply = match result {
+        match result {
             Ok(Accepted::Joined(info)) => {
                 info!("{user} joined #{room} (session {:?})", info.token);
                 Ok(encode::join_reply(&info))
             }
             Ok(other) => unreachable!("Join is answered with Joined, not {other:?}"),
-            Err(rejection) => Err(rejection),
-        };
-        reply_unary(&ctx, sink, reply.map_err(|r| encode::rpc_status(&r)));
+            Err(rejection) => Err(encode::rpc_status(&rejection)),
+        }
     }
 
     fn history(
         &self,
-        ctx: RpcContext,
+        peer: &str,
         req: pb::HistoryRequest,
-        mut sink: ServerStreamingSink<pb::ChatMessage>,
-    ) {
+        responder: Responder<pb::ChatMessage>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let limit = usize::try_from(req.limit).unwrap_or(usize::MAX);
-        match self.hub.read(|b| b.history(&req.room, Seq(req.since_seq), limit)) {
-            Err(rejection) => ctx.spawn(sink.fail(encode::rpc_status(&rejection)).map(|_| ())),
-            Ok(messages) => {
-                // A call whose client does not read stays open with up to a flow-control
-                // window of messages in the server, like a stream: it takes a place under
-                // the stream limit until it ends (but is no stream to the pacer).
-                let Some(permit) = self.limit.acquire_call() else {
-                    warn!(
-                        "refused a History call from {}: stream limit {} reached",
-                        ctx.peer(),
-                        self.limit.max
-                    );
-                    return ctx.spawn(sink.fail(self.limit_status()).map(|_| ()));
-                };
-                // Each message is converted when the sink takes it: the call holds references
-                // to the room's messages, not copies of them.
-                let last = messages.len().saturating_sub(1);
-                let items = messages.into_iter().enumerate().map(move |(i, m)| {
-                    Ok((encode::chat_message(&m), WriteFlags::default().buffer_hint(i < last)))
-                });
-                ctx.spawn(async move {
-                    let _permit = permit;
-                    let mut items = futures::stream::iter(items);
-                    if sink.send_all(&mut items).await.is_ok() {
-                        let _ = sink.close().await;
-                    }
-                });
+        let found = self.hub.read(|b| b.history(&req.room, Seq(req.since_seq), limit));
+        // A call whose client does not read stays open with up to a flow-control window of
+        // messages in the server, like a stream: it takes a place under the stream limit
+        // until it ends (but is no stream to the pacer).
+        let admitted = found.map_err(|rejection| encode::rpc_status(&rejection)).and_then(|messages| {
+            let Some(permit) = self.limit.acquire_call() else {
+                warn!("refused a History call from {peer}: stream limit {} reached", self.limit.max);
+                return Err(self.limit_status());
+            };
+            Ok((messages, permit))
+        });
+        async move {
+            match admitted {
+                // Each message is converted when the sink takes it: the call holds
+                // references to the room's messages, not copies of them.
+                Ok((messages, permit)) => {
+                    responder.send_all(messages.into_iter().map(|m| encode::chat_message(&m))).await;
+                    drop(permit);
+                }
+                Err(status) => responder.fail(status).await,
             }
         }
     }
 
     fn chat(&self, ctx: RpcContext, requests: RequestStream<pb::ClientFrame>, sink: DuplexSink<Encoded>) {
+        let ticket = match self.gate.admit(&ctx) {
+            Ok(ticket) => ticket,
+            Err(status) => return ctx.spawn(calls::refuse(requests, sink, status)),
+        };
         let (hub, pacing) = (Arc::clone(&self.hub), Arc::clone(&self.pacing));
-        let connection = pacer::connection_key(&ctx.peer());
-        self.start_stream(
-            ctx,
-            (requests, sink),
-            move |(requests, sink)| stream::run_chat(hub, pacing, connection, requests, sink),
-            |(requests, sink), status| async move {
-                // The request stream must outlive the status: dropping it first cancels
-                // the call, and the client would see CANCELLED instead.
-                let _ = sink.fail(status).await;
-                drop(requests);
-            },
-        );
+        let peer = ctx.peer();
+        let connection = pacer::connection_key(&peer);
+        let started = self.start_stream(&peer, (requests, sink), move |(requests, sink)| {
+            stream::run_chat(hub, pacing, connection, requests, sink);
+            drop(ticket);
+        });
+        if let Err(((requests, sink), status)) = started {
+            ctx.spawn(calls::refuse(requests, sink, status));
+        }
     }
 
-    fn subscribe(&self, ctx: RpcContext, req: pb::SubscribeRequest, sink: ServerStreamingSink<Encoded>) {
+    fn subscribe(
+        &self,
+        peer: &str,
+        req: pb::SubscribeRequest,
+        responder: Responder<Encoded>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let (hub, pacing) = (Arc::clone(&self.hub), Arc::clone(&self.pacing));
-        let connection = pacer::connection_key(&ctx.peer());
-        self.start_stream(
-            ctx,
-            (req, sink),
-            move |(req, sink)| stream::run_subscribe(hub, pacing, connection, req, sink),
-            |(_, sink), status| sink.fail(status).map(|_| ()),
-        );
+        let connection = pacer::connection_key(peer);
+        let started = self.start_stream(peer, (req, responder), move |(req, responder)| {
+            stream::run_subscribe(hub, pacing, connection, req, responder.into_event_sink());
+        });
+        async move {
+            if let Err(((_, responder), status)) = started {
+                responder.fail(status).await;
+            }
+        }
     }
 
-    fn send(&self, ctx: RpcContext, req: pb::SendRequest, sink: UnarySink<pb::SendReply>) {
+    fn send(&self, _peer: &str, req: pb::SendRequest) -> Result<pb::SendReply, RpcStatus> {
         let result = self.hub.input_from(
             Caller::Handler,
             Input::Send {
@@ -365,35 +328,17 @@ impl ChatService {
             },
         );
         hub::log_result("send", &result);
-        let reply = match result {
+        match result {
             Ok(Accepted::Posted(p)) => Ok(pb::SendReply { seq: p.seq.get(), duplicate: p.duplicate }),
             Ok(other) => unreachable!("Send is answered with Posted, not {other:?}"),
             Err(rejection) => Err(encode::rpc_status(&rejection)),
-        };
-        reply_unary(&ctx, sink, reply);
+        }
     }
 
-    fn leave(&self, ctx: RpcContext, req: pb::LeaveRequest, sink: UnarySink<pb::LeaveReply>) {
+    fn leave(&self, _peer: &str, req: pb::LeaveRequest) -> Result<pb::LeaveReply, RpcStatus> {
         let result = self.hub.input_from(Caller::Handler, Input::Leave { session: req.session });
         hub::log_result("leave", &result);
-        reply_unary(&ctx, sink, result.map(|_| pb::LeaveReply {}).map_err(|r| encode::rpc_status(&r)));
-    }
-
-    fn list_rooms(&self, ctx: RpcContext, _req: pb::ListRoomsRequest, sink: UnarySink<pb::ListRoomsReply>) {
-        let rooms = self.hub.read(|b| b.rooms());
-        self.reply_directory(&ctx, sink, encode::rooms_reply(&rooms));
-    }
-
-    fn list_members(
-        &self,
-        ctx: RpcContext,
-        req: pb::ListMembersRequest,
-        sink: UnarySink<pb::ListMembersReply>,
-    ) {
-        match self.hub.read(|b| b.members(&req.room)) {
-            Ok(members) => self.reply_directory(&ctx, sink, encode::members_reply(&members)),
-            Err(rejection) => reply_unary(&ctx, sink, Err(encode::rpc_status(&rejection))),
-        }
+        result.map(|_| pb::LeaveReply {}).map_err(|r| encode::rpc_status(&r))
     }
 
     /// Sends a `ListRooms` or `ListMembers` reply with its size charged to the reply
@@ -401,26 +346,36 @@ impl ChatService {
     /// with `RESOURCE_EXHAUSTED` when the budget has no room for it.
     fn reply_directory<T: prost::Message + Send + 'static>(
         &self,
-        ctx: &RpcContext,
-        sink: UnarySink<T>,
-        reply: T,
-    ) {
-        let Some(charge) = self.replies.charge(reply.encoded_len()) else {
-            warn!(
-                "refused {} from {}: {} bytes of directory replies are waiting for their clients",
-                String::from_utf8_lossy(ctx.method()),
-                ctx.peer(),
-                self.replies.held()
-            );
-            let why = format!(
-                "the server holds its limit of {} KiB of ListRooms and ListMembers replies that \
-                 their clients have not taken yet; try again",
-                self.replies.max / 1024
-            );
-            let status = RpcStatus::with_message(RpcStatusCode::RESOURCE_EXHAUSTED, why);
-            return reply_unary(ctx, sink, Err(status));
-        };
-        ctx.spawn(sink.success(reply).map(move |_| drop(charge)));
+        peer: &str,
+        method: &str,
+        reply: Result<T, RpcStatus>,
+        responder: Responder<T>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let charged = reply.and_then(|reply| match self.replies.charge(reply.encoded_len()) {
+            Some(charge) => Ok((reply, charge)),
+            None => {
+                warn!(
+                    "refused {method} from {peer}: {} bytes of directory replies are waiting for \
+                     their clients",
+                    self.replies.held()
+                );
+                let why = format!(
+                    "the server holds its limit of {} KiB of ListRooms and ListMembers replies \
+                     that their clients have not taken yet; try again",
+                    self.replies.max / 1024
+                );
+                Err(RpcStatus::with_message(RpcStatusCode::RESOURCE_EXHAUSTED, why))
+            }
+        });
+        async move {
+            match charged {
+                Ok((reply, charge)) => {
+                    responder.answer(Ok(reply)).await;
+                    drop(charge);
+                }
+                Err(status) => responder.fail(status).await,
+            }
+        }
     }
 
     fn limit_status(&self) -> RpcStatus {
@@ -428,22 +383,18 @@ impl ChatService {
         RpcStatus::with_message(RpcStatusCode::RESOURCE_EXHAUSTED, why)
     }
 
-    /// Gives a stream (the call's `parts`) a thread of its own that runs `run`, or ends the
-    /// call with `refuse` and `RESOURCE_EXHAUSTED`: at the stream limit, and when no thread
+    /// Gives a stream (the call's `parts`) a thread of its own that runs `run`, or hands
+    /// the parts back with `RESOURCE_EXHAUSTED`: at the stream limit, and when no thread
     /// can be started (a task limit such as systemd's `TasksMax`, or memory).
-    fn start_stream<P, F>(
+    fn start_stream<P: Send + 'static>(
         &self,
-        ctx: RpcContext,
+        peer: &str,
         parts: P,
         run: impl FnOnce(P) + Send + 'static,
-        refuse: impl FnOnce(P, RpcStatus) -> F,
-    ) where
-        P: Send + 'static,
-        F: std::future::Future<Output = ()> + Send + 'static,
-    {
+    ) -> Result<(), (P, RpcStatus)> {
         let Some(permit) = self.limit.acquire() else {
-            warn!("refused a stream from {}: stream limit {} reached", ctx.peer(), self.limit.max);
-            return ctx.spawn(refuse(parts, self.limit_status()));
+            warn!("refused a stream from {peer}: stream limit {} reached", self.limit.max);
+            return Err((parts, self.limit_status()));
         };
         // The parts stay within reach until the thread takes them, so that a thread that
         // cannot start still leaves the call to end with a status.
@@ -461,21 +412,15 @@ impl ChatService {
                     run(parts);
                 }
             });
-        if let Err(e) = spawned {
-            error!("cannot start a thread for a stream from {}: {e}", ctx.peer());
-            let parts = slot.lock().take();
-            if let Some(parts) = parts {
+        match spawned {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                error!("cannot start a thread for a stream from {peer}: {e}");
+                let parts = slot.lock().take().expect("a thread that did not start took nothing");
                 let why = "the server cannot start a thread for another stream".to_owned();
-                ctx.spawn(refuse(parts, RpcStatus::with_message(RpcStatusCode::RESOURCE_EXHAUSTED, why)));
+                Err((parts, RpcStatus::with_message(RpcStatusCode::RESOURCE_EXHAUSTED, why)))
             }
         }
-    }
-}
-
-fn reply_unary<T: Send + 'static>(ctx: &RpcContext, sink: UnarySink<T>, reply: Result<T, RpcStatus>) {
-    match reply {
-        Ok(value) => ctx.spawn(sink.success(value).map(|_| ())),
-        Err(status) => ctx.spawn(sink.fail(status).map(|_| ())),
     }
 }
 

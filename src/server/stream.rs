@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use futures::{Sink, Stream};
-use grpcio::{DuplexSink, RequestStream, RpcStatus, RpcStatusCode, ServerStreamingSink, WriteFlags};
+use grpcio::{DuplexSink, RequestStream, RpcStatus, RpcStatusCode, WriteFlags};
 use log::debug;
 
 use parking_lot::Mutex;
@@ -48,19 +48,14 @@ impl Wake for Unparker {
     }
 }
 
-/// A response sink of pre-encoded events: `Chat`'s duplex sink or `Subscribe`'s.
+/// A response sink of pre-encoded events: `Chat`'s duplex sink, or `Subscribe`'s with what
+/// its call holds (see [`super::calls::Held`]).
 pub trait EventSink: Sink<(Encoded, WriteFlags), Error = grpcio::Error> + Unpin + Send + 'static {
     /// Ends the call with `status`.
     fn fail_with(self, status: RpcStatus) -> Pin<Box<dyn Future<Output = grpcio::Result<()>>>>;
 }
 
 impl EventSink for DuplexSink<Encoded> {
-    fn fail_with(self, status: RpcStatus) -> Pin<Box<dyn Future<Output = grpcio::Result<()>>>> {
-        Box::pin(self.fail(status))
-    }
-}
-
-impl EventSink for ServerStreamingSink<Encoded> {
     fn fail_with(self, status: RpcStatus) -> Pin<Box<dyn Future<Output = grpcio::Result<()>>>> {
         Box::pin(self.fail(status))
     }
@@ -89,12 +84,12 @@ pub fn run_chat(
 }
 
 /// Runs a `Subscribe` stream to its end on the current thread.
-pub fn run_subscribe(
+pub fn run_subscribe<S: EventSink>(
     hub: Arc<Hub>,
     pacing: Arc<Pacing>,
     connection: u64,
     req: pb::SubscribeRequest,
-    sink: ServerStreamingSink<Encoded>,
+    sink: S,
 ) {
     let (shared, rx) = match hub.open_stream() {
         Ok(opened) => opened,
