@@ -52,9 +52,10 @@ impl CallGate {
     }
 
     /// Lets the call in, or says why not: its metadata is over [`MAX_METADATA_BYTES`], or
-    /// its connection already has as many calls as the gate allows.
-    pub fn admit(self: &Arc<Self>, ctx: &RpcContext) -> Result<Ticket, RpcStatus> {
-        self.admit_from(&ctx.peer(), metadata_bytes(ctx))
+    /// its connection (`peer`, as `ctx.peer()` names it) already has as many calls as the
+    /// gate allows.
+    pub fn admit(self: &Arc<Self>, ctx: &RpcContext, peer: &str) -> Result<Ticket, RpcStatus> {
+        self.admit_from(peer, metadata_bytes(ctx))
     }
 
     /// [`CallGate::admit`] for a call from `peer` (its connection's address, as C-core
@@ -253,11 +254,12 @@ where
 {
     let gate = Arc::clone(gate);
     move |ctx, mut requests, sink| {
-        let ticket = match gate.admit(&ctx) {
+        let peer = ctx.peer();
+        let ticket = match gate.admit(&ctx, &peer) {
             Ok(ticket) => ticket,
             Err(status) => return ctx.spawn(refuse(requests, sink, status)),
         };
-        let (peer, method) = (ctx.peer(), String::from_utf8_lossy(ctx.method()).into_owned());
+        let method = String::from_utf8_lossy(ctx.method()).into_owned();
         let handle = handle.clone();
         ctx.spawn(async move {
             let first = requests.next().await;

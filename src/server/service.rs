@@ -283,12 +283,12 @@ impl ChatService {
     }
 
     fn chat(&self, ctx: RpcContext, requests: RequestStream<pb::ClientFrame>, sink: DuplexSink<Encoded>) {
-        let ticket = match self.gate.admit(&ctx) {
+        let peer = ctx.peer();
+        let ticket = match self.gate.admit(&ctx, &peer) {
             Ok(ticket) => ticket,
             Err(status) => return ctx.spawn(calls::refuse(requests, sink, status)),
         };
         let (hub, pacing) = (Arc::clone(&self.hub), Arc::clone(&self.pacing));
-        let peer = ctx.peer();
         let connection = pacer::connection_key(&peer);
         let started = self.start_stream(&peer, (requests, sink), move |(requests, sink)| {
             stream::run_chat(hub, pacing, connection, requests, sink);
