@@ -126,6 +126,28 @@ fn fanout_ramp_finds_a_sustainable_step() {
 }
 
 #[test]
+fn a_ramp_without_a_sustainable_step_says_why_and_is_not_called_a_verification_failure() {
+    // No step can have a p99 of at most 0 ms.
+    let args =
+        ["fanout", "--members", "3", "--ramp", "--rate", "100", "--step-secs", "0.2", "--max-p99-ms", "0"];
+    let out = bench(&args);
+    let json = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{json}\n{stderr}");
+    assert!(
+        stderr.contains("no step of the ramp was sustainable: the first, at 100 msg/s, had p99")
+            && stderr.contains("over --max-p99-ms 0"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("verification FAILED"), "{stderr}");
+    assert!(json.contains("\"why_not\": \"had p99 "), "{json}");
+    assert!(json.contains("\"best\": \"none"), "{json}");
+    // What was delivered checked out.
+    assert_verified(&json);
+    assert!(json.contains("\"ok\": true"), "{json}");
+}
+
+#[test]
 fn streams_are_all_accepted() {
     let json = run_ok(&["streams", "--streams", "50", "--rooms", "2", "--hold-secs", "0.1"]);
     assert_eq!(one(&json, "accepted"), 50);

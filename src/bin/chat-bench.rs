@@ -160,10 +160,23 @@ pub enum Scenario {
 
 /// How a scenario ended.
 pub enum Outcome {
-    /// The report, and whether every check passed.
-    Done { report: Obj, ok: bool },
+    /// The report, and whether every check passed or the one sentence that says which
+    /// did not.
+    Done { report: Obj, verdict: Result<(), String> },
     /// The server could not be reached or refused the run (one sentence).
     Refused(String),
+}
+
+/// What a run whose deliveries (or calls, or streams) did not check out says.
+pub const VERIFICATION_FAILED: &str = "verification FAILED (see the report)";
+
+/// The verdict of a run whose checks all passed (`ok`) or not.
+pub fn verified(ok: bool) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(VERIFICATION_FAILED.to_owned())
+    }
 }
 
 /// Connects to the target; the error is the one-sentence refusal.
@@ -217,19 +230,18 @@ fn main() -> ExitCode {
             eprintln!("chat-bench: {msg}");
             ExitCode::from(2)
         }
-        Outcome::Done { report, ok } => {
+        Outcome::Done { report, verdict } => {
             if g.json {
                 print!("{}", report::to_json(&report));
             } else {
                 print!("{}", report::to_table(&report));
             }
-            if ok {
-                ExitCode::SUCCESS
-            } else {
-                if !g.json {
-                    eprintln!("chat-bench: verification FAILED (see the report)");
+            match verdict {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(why) => {
+                    eprintln!("chat-bench: {why}");
+                    ExitCode::from(1)
                 }
-                ExitCode::from(1)
             }
         }
     }

@@ -20,7 +20,7 @@ use crate::report::{latency, Obj, Progress, Val};
 use crate::swarm::{self, MemberSpec, Swarm};
 use crate::target::{cpu_secs, Needs, Target};
 use crate::wire::{code_name, error_code, post, stamped_text};
-use crate::{connect, run_id, Global, Outcome, PublishVia, Receivers};
+use crate::{connect, run_id, verified, Global, Outcome, PublishVia, Receivers, VERIFICATION_FAILED};
 
 /// Options of the `fanout` scenario.
 #[derive(Args, Debug)]
@@ -264,6 +264,28 @@ impl CpuMark {
         let secs = (self.at - start.at).as_secs_f64().max(1e-3);
         let cores = |a: Option<f64>, b: Option<f64>| Some(((a? - b?) / secs * 100.0).round() / 100.0);
         Cpu { server: cores(self.server, start.server), bench: cores(self.bench, start.bench) }
+    }
+}
+
+/// Why a ramp step at `rate` msg/s was not sustainable, or `None` if it was: everything
+/// delivered, no member cut off, no failed post, p99 within `--max-p99-ms`, and the
+/// publishers kept up with the offered rate.
+fn unsustainable(p: &Phase, rate: f64, a: &FanoutArgs) -> Option<String> {
+    let kept_up = p.sent as f64 >= 0.95 * rate * p.publish_secs.min(a.step_secs);
+    if p.cut_off > 0 {
+        Some(format!("cut off {} members", p.cut_off))
+    } else if p.shortfall() > 0 {
+        Some(format!("left {} deliveries missing", p.shortfall()))
+    } else if p.errors > 0 {
+        Some(format!("had {} failed posts", p.errors))
+    } else if p.duplicates > 0 || p.reordered > 0 {
+        Some(format!("had {} duplicated and {} reordered deliveries", p.duplicates, p.reordered))
+    } else if p.latency.p99 > a.max_p99_ms {
+        Some(format!("had p99 {:.1} ms, over --max-p99-ms {}", p.latency.p99, a.max_p99_ms))
+    } else if !kept_up {
+        Some(format!("published only {} messages in {:.1} s", p.sent, p.publish_secs))
+    } else {
+        None
     }
 }
 
@@ -540,14 +562,9 @@ pub fn run(a: &FanoutArgs, g: &Global, target: &Target) -> Outcome {
         for _ in 0..a.ramp_steps.max(1) {
             let count = (rate * a.step_secs).ceil().max(1.0) as u64;
             let p = run.phase(rate, count, drain, g.timeout());
-            let pass = p.shortfall() == 0
-                && p.errors == 0
-                && p.cut_off == 0
-                && p.duplicates == 0
-                && p.reordered == 0
-                && p.latency.p99 <= a.max_p99_ms
-                && p.sent as f64 >= 0.95 * rate * p.publish_secs.min(a.step_secs);
-            phases.push((p, pass));
+            let why_not = unsustainable(&p, rate, a);
+            let pass = why_not.is_none();
+            phases.push((p, why_not));
             if !pass {
                 break;
             }
@@ -556,7 +573,7 @@ pub fn run(a: &FanoutArgs, g: &Global, target: &Target) -> Outcome {
         }
     } else {
         let p = run.phase(a.rate, a.messages, drain, g.timeout());
-        phases.push((p, true));
+        phases.push((p, None));
     }
     drop(progress);
     let Run { swarm, pubs, ok_per_room, .. } = run;
@@ -608,13 +625,16 @@ pub fn run(a: &FanoutArgs, g: &Global, target: &Target) -> Outcome {
         )
         .set("join_secs", (join_secs * 1000.0).round() / 1000.0)
         .set("settle_secs", (settle_secs * 1000.0).round() / 1000.0);
-    let ok = if a.ramp {
+    let result = if a.ramp {
         let steps: Vec<Val> = phases
             .iter()
-            .map(|(p, pass)| {
+            .map(|(p, why_not)| {
                 let mut o = p.to_obj();
                 o.push("p99_ms", (p.latency.p99 * 1000.0).round() / 1000.0);
-                o.push("sustainable", *pass);
+                o.push("sustainable", why_not.is_none());
+                if let Some(why) = why_not {
+                    o.push("why_not", why.as_str());
+                }
                 Val::Obj(o.0)
             })
             .collect();
@@ -632,14 +652,25 @@ pub fn run(a: &FanoutArgs, g: &Global, target: &Target) -> Outcome {
             }
             None => report.push("best", "none: the first step was not sustainable"),
         }
-        best.is_some() && verdict.duplicates == 0 && verdict.reordered == 0 && protocol_errors == 0
+        // Past the sustainable rate members may be cut off and miss messages; what must
+        // never happen at any rate is a duplicate, a reordering or a malformed event.
+        let ok = verdict.duplicates == 0 && verdict.reordered == 0 && protocol_errors == 0;
+        report.push("verify", verdict.report(Some(rejected), protocol_errors, ok));
+        match (&phases[0], best) {
+            _ if !ok => Err(VERIFICATION_FAILED.to_owned()),
+            ((first, Some(why)), None) => {
+                Err(format!("no step of the ramp was sustainable: the first, at {} msg/s, {why}", first.rate))
+            }
+            _ => Ok(()),
+        }
     } else {
         let p = &phases[0].0;
         for (k, v) in p.to_obj().0 {
             report.push(&k, v);
         }
-        verdict.clean() && rejected == 0 && protocol_errors == 0 && p.errors == 0
+        let ok = verdict.clean() && rejected == 0 && protocol_errors == 0 && p.errors == 0;
+        report.push("verify", verdict.report(Some(rejected), protocol_errors, ok));
+        verified(ok)
     };
-    report.push("verify", verdict.report(Some(rejected), protocol_errors, ok));
-    Outcome::Done { report, ok }
+    Outcome::Done { report, verdict: result }
 }

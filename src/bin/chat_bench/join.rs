@@ -15,7 +15,7 @@ use crate::report::{latency, Obj, Progress};
 use crate::swarm::{self, MemberSpec, Swarm};
 use crate::target::{Needs, Target};
 use crate::wire::{post, stamped_text};
-use crate::{connect, run_id, Global, Outcome};
+use crate::{connect, run_id, verified, Global, Outcome};
 
 /// Options of the `join` scenario.
 #[derive(Args, Debug)]
@@ -174,5 +174,5 @@ pub fn run(a: &JoinArgs, g: &Global, target: &Target) -> Outcome {
         .set("hello_to_welcome", latency(&Summary::of(&to_welcome)))
         .set("hello_to_last_history", latency(&Summary::of(&to_last)))
         .set("verify", verdict.report(None, protocol_errors, ok));
-    Outcome::Done { report, ok }
+    Outcome::Done { report, verdict: verified(ok) }
 }

@@ -19,7 +19,7 @@ use crate::report::{latency, Obj, Progress};
 use crate::swarm::{self, MemberSpec, Swarm};
 use crate::target::{Needs, Target};
 use crate::wire::{code_name, error_code, stamped_text};
-use crate::{connect, run_id, Global, Outcome};
+use crate::{connect, run_id, verified, Global, Outcome};
 
 /// Options of the `send` scenario.
 #[derive(Args, Debug)]
@@ -221,5 +221,5 @@ pub fn run(a: &SendArgs, g: &Global, target: &Target) -> Outcome {
         .set("call_latency", latency(&Summary::of(&rtt)))
         .set("delivery_latency", latency(&delivery))
         .set("verify", verdict.report(None, protocol_errors, ok));
-    Outcome::Done { report, ok }
+    Outcome::Done { report, verdict: verified(ok) }
 }

@@ -10,7 +10,7 @@ use crate::report::{Obj, Progress};
 use crate::swarm::{MemberSpec, Swarm};
 use crate::target::{Needs, ProcStat, Target};
 use crate::wire::code_name;
-use crate::{connect, run_id, Global, Outcome};
+use crate::{connect, run_id, verified, Global, Outcome};
 
 /// Options of the `streams` scenario.
 #[derive(Args, Debug)]
@@ -153,5 +153,5 @@ pub fn run(a: &StreamsArgs, g: &Global, target: &Target, bench_start: Option<Pro
     report.push("bench_process", bench);
     let ok = settled && cut_off == 0;
     report.push("ok", ok);
-    Outcome::Done { report, ok }
+    Outcome::Done { report, verdict: verified(ok) }
 }
