@@ -7,11 +7,14 @@
 //! when the request has arrived: a call whose client sends headers and never a request is
 //! held in C-core (about 12 KiB each) without the server's code ever seeing it.
 //!
-//! So every method of this server is registered as a duplex method, which grpcio hands to
-//! its handler as soon as the headers are in, and passes the [`CallGate`] there: calls over
-//! the limit of their connection, or with metadata past the limit, end at once with
-//! `RESOURCE_EXHAUSTED`. [`one_request`] then serves a method whose client sends one request
-//! (unary and server-streaming on the wire) from such a duplex call; the wire is the same.
+//! So no method of this server is registered as unary or server-streaming: grpcio hands a
+//! client-streaming or duplex call to its handler as soon as the headers are in, and each
+//! call passes the [`CallGate`] there. Calls over the limit of their connection, or with
+//! metadata past the limit, end at once with `RESOURCE_EXHAUSTED`. [`one_request`] then
+//! serves a method whose client sends one request from such a call: one reply (unary on the
+//! wire) from a client-streaming call, whose sink sends the reply and the status in one
+//! batch as a unary sink does; a stream of replies (server-streaming on the wire) from a
+//! duplex call. The wire is the same either way.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -19,10 +22,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::{Sink, SinkExt as _, StreamExt as _};
+use futures::future::BoxFuture;
+use futures::{FutureExt as _, Sink, SinkExt as _, StreamExt as _};
 use grpcio::{
-    DuplexSink, Marshaller, Method, MethodType, RequestStream, RpcContext, RpcStatus, RpcStatusCode,
-    WriteFlags,
+    ClientStreamingSink, DuplexSink, Marshaller, Method, MethodType, RequestStream, RpcContext, RpcStatus,
+    RpcStatusCode, WriteFlags,
 };
 use log::{debug, warn};
 use parking_lot::Mutex;
@@ -132,7 +136,20 @@ fn encode_request<T: prost::Message>(
     }
 }
 
-/// The descriptor of a method whose client sends one request, registered as duplex.
+/// The descriptor of a method whose client sends one request and gets one reply (unary on
+/// the wire), registered as client-streaming.
+pub const fn one_reply_method<Req, Resp>(
+    name: &'static str,
+    resp: Marshaller<Resp>,
+) -> Method<Request<Req>, Resp>
+where
+    Req: prost::Message + Default,
+{
+    request_method(MethodType::ClientStreaming, name, resp)
+}
+
+/// The descriptor of a method whose client sends one request and gets a stream of replies
+/// (server-streaming on the wire), registered as duplex.
 pub const fn one_request_method<Req, Resp>(
     name: &'static str,
     resp: Marshaller<Resp>,
@@ -140,30 +157,72 @@ pub const fn one_request_method<Req, Resp>(
 where
     Req: prost::Message + Default,
 {
+    request_method(MethodType::Duplex, name, resp)
+}
+
+const fn request_method<Req, Resp>(
+    ty: MethodType,
+    name: &'static str,
+    resp: Marshaller<Resp>,
+) -> Method<Request<Req>, Resp>
+where
+    Req: prost::Message + Default,
+{
     Method {
-        ty: MethodType::Duplex,
+        ty,
         name,
         req_mar: Marshaller { ser: encode_request::<Req>, de: decode_request::<Req> },
         resp_mar: resp,
     }
 }
 
-/// The reply side of a one-request call. It holds the call's request stream (dropping that
-/// before the status is sent would cancel the call) and its [`Ticket`] until the call ends.
-pub struct Responder<Resp> {
-    sink: DuplexSink<Resp>,
+/// A sink that a call of this server's can end with a status: the client-streaming sink of
+/// a one-reply call, or the duplex sink of a stream.
+pub trait CallSink: Send + 'static {
+    /// Ends the call with `status` (an error is the client gone).
+    fn end_with(self, status: RpcStatus) -> BoxFuture<'static, grpcio::Result<()>>;
+}
+
+impl<Resp: Send + 'static> CallSink for ClientStreamingSink<Resp> {
+    fn end_with(self, status: RpcStatus) -> BoxFuture<'static, grpcio::Result<()>> {
+        self.fail(status).boxed()
+    }
+}
+
+impl<Resp: Send + 'static> CallSink for DuplexSink<Resp> {
+    fn end_with(self, status: RpcStatus) -> BoxFuture<'static, grpcio::Result<()>> {
+        self.fail(status).boxed()
+    }
+}
+
+/// The reply side of a one-request call: `S` is the call's sink. It holds the call's
+/// request stream (dropping that before the status is sent would cancel the call) and its
+/// [`Ticket`] until the call ends.
+pub struct Responder<S> {
+    sink: S,
     held: Box<dyn Send>,
 }
 
-impl<Resp: Send + 'static> Responder<Resp> {
-    /// Ends the call with `reply` and OK, or with the status.
-    pub async fn answer(self, reply: Result<Resp, RpcStatus>) {
-        match reply {
-            Ok(reply) => self.send_all([reply]).await,
-            Err(status) => self.fail(status).await,
-        }
+impl<S: CallSink> Responder<S> {
+    /// Ends the call with `status`.
+    pub async fn fail(self, status: RpcStatus) {
+        let _ = self.sink.end_with(status).await;
+        drop(self.held);
     }
+}
 
+impl<Resp: Send + 'static> Responder<ClientStreamingSink<Resp>> {
+    /// Ends the call with `reply` and OK (sent together), or with the status.
+    pub async fn answer(self, reply: Result<Resp, RpcStatus>) {
+        let _ = match reply {
+            Ok(reply) => self.sink.success(reply).await,
+            Err(status) => self.sink.fail(status).await,
+        };
+        drop(self.held);
+    }
+}
+
+impl<Resp: Send + 'static> Responder<DuplexSink<Resp>> {
     /// Sends each of `replies`, then OK; stops when the client is gone.
     pub async fn send_all(mut self, replies: impl IntoIterator<Item = Resp>) {
         for reply in replies {
@@ -186,14 +245,6 @@ impl<Resp: Send + 'static> Responder<Resp> {
         drop(self.held);
     }
 
-    /// Ends the call with `status`.
-    pub async fn fail(self, status: RpcStatus) {
-        let _ = self.sink.fail(status).await;
-        drop(self.held);
-    }
-}
-
-impl<Resp> Responder<Resp> {
     /// The sink as an [`EventSink`] for a stream's thread, still holding what the call needs.
     pub fn into_event_sink(self) -> Held<DuplexSink<Resp>> {
         Held { sink: self.sink, held: self.held }
@@ -242,14 +293,14 @@ impl<S: EventSink> EventSink for Held<S> {
 /// (and the peer's address). A call that ends without a request gets `INTERNAL`, as
 /// gRPC's own unary handling does; one whose request does not decode gets
 /// `INVALID_ARGUMENT`.
-pub fn one_request<Req, Resp, H, F>(
+pub fn one_request<Req, S, H, F>(
     gate: &Arc<CallGate>,
     handle: H,
-) -> impl FnMut(RpcContext, RequestStream<Request<Req>>, DuplexSink<Resp>) + Send + Clone + 'static
+) -> impl FnMut(RpcContext, RequestStream<Request<Req>>, S) + Send + Clone + 'static
 where
     Req: Send + 'static,
-    Resp: Send + 'static,
-    H: Fn(String, Req, Responder<Resp>) -> F + Send + Sync + Clone + 'static,
+    S: CallSink,
+    H: Fn(String, Req, Responder<S>) -> F + Send + Sync + Clone + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
     let gate = Arc::clone(gate);
@@ -280,8 +331,8 @@ where
 
 /// Ends a call refused at the gate. The request stream must outlive the status: dropping it
 /// first cancels the call, and the client would see CANCELLED instead.
-pub async fn refuse<Req, Resp>(requests: RequestStream<Req>, sink: DuplexSink<Resp>, status: RpcStatus) {
-    let _ = sink.fail(status).await;
+pub async fn refuse<Req>(requests: RequestStream<Req>, sink: impl CallSink, status: RpcStatus) {
+    let _ = sink.end_with(status).await;
     drop(requests);
 }
 

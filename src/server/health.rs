@@ -7,16 +7,18 @@ use std::sync::Arc;
 
 use futures::channel::mpsc;
 use futures::StreamExt as _;
-use grpcio::{Marshaller, Method, RpcStatus, RpcStatusCode, Service, ServiceBuilder};
+use grpcio::{
+    ClientStreamingSink, DuplexSink, Marshaller, Method, RpcStatus, RpcStatusCode, Service, ServiceBuilder,
+};
 use grpcio_health::proto::ServingStatus;
 use grpcio_health::proto::{HealthCheckRequest, HealthCheckResponse};
 use parking_lot::Mutex;
 
-use super::calls::{one_request, one_request_method, CallGate, Request, Responder};
+use super::calls::{one_reply_method, one_request, one_request_method, CallGate, Request, Responder};
 
 const PROST: Marshaller<HealthCheckResponse> = Marshaller { ser: grpcio::pr_ser, de: grpcio::pr_de };
 const CHECK: Method<Request<HealthCheckRequest>, HealthCheckResponse> =
-    one_request_method("/grpc.health.v1.Health/Check", PROST);
+    one_reply_method("/grpc.health.v1.Health/Check", PROST);
 const WATCH: Method<Request<HealthCheckRequest>, HealthCheckResponse> =
     one_request_method("/grpc.health.v1.Health/Watch", PROST);
 
@@ -74,31 +76,38 @@ impl Health {
     pub fn service(self: &Arc<Self>, gate: &Arc<CallGate>) -> Service {
         let (check, watch) = (Arc::clone(self), Arc::clone(self));
         ServiceBuilder::new()
-            .add_duplex_streaming_handler(
+            .add_client_streaming_handler(
                 &CHECK,
-                one_request(gate, move |_peer, req: HealthCheckRequest, responder| {
-                    let reply = match check.status(&req.service) {
-                        Some(status) => Ok(response(status)),
-                        None => {
-                            Err(RpcStatus::with_message(RpcStatusCode::NOT_FOUND, "unknown service".into()))
-                        }
-                    };
-                    responder.answer(reply)
-                }),
+                one_request(
+                    gate,
+                    move |_peer, req: HealthCheckRequest, responder: Responder<ClientStreamingSink<_>>| {
+                        let reply = match check.status(&req.service) {
+                            Some(status) => Ok(response(status)),
+                            None => Err(RpcStatus::with_message(
+                                RpcStatusCode::NOT_FOUND,
+                                "unknown service".into(),
+                            )),
+                        };
+                        responder.answer(reply)
+                    },
+                ),
             )
             .add_duplex_streaming_handler(
                 &WATCH,
-                one_request(gate, move |_peer, req: HealthCheckRequest, responder: Responder<_>| {
-                    let (tx, rx) = mpsc::unbounded();
-                    let now = {
-                        let mut state = watch.state.lock();
-                        state.watchers.retain(|(_, tx)| !tx.is_closed());
-                        let now = state.status.get(&req.service).copied();
-                        state.watchers.push((req.service, tx));
-                        now.unwrap_or(ServingStatus::ServiceUnknown)
-                    };
-                    responder.stream(futures::stream::iter([now]).chain(rx).map(response))
-                }),
+                one_request(
+                    gate,
+                    move |_peer, req: HealthCheckRequest, responder: Responder<DuplexSink<_>>| {
+                        let (tx, rx) = mpsc::unbounded();
+                        let now = {
+                            let mut state = watch.state.lock();
+                            state.watchers.retain(|(_, tx)| !tx.is_closed());
+                            let now = state.status.get(&req.service).copied();
+                            state.watchers.push((req.service, tx));
+                            now.unwrap_or(ServingStatus::ServiceUnknown)
+                        };
+                        responder.stream(futures::stream::iter([now]).chain(rx).map(response))
+                    },
+                ),
             )
             .build()
     }

@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::thread;
 
 use grpcio::{
-    DuplexSink, Marshaller, Method, MethodType, RequestStream, RpcContext, RpcStatus, RpcStatusCode, Service,
-    ServiceBuilder,
+    ClientStreamingSink, DuplexSink, Marshaller, Method, MethodType, RequestStream, RpcContext, RpcStatus,
+    RpcStatusCode, Service, ServiceBuilder,
 };
 use log::{error, info, warn};
 use parking_lot::Mutex;
 
-use super::calls::{self, one_request, one_request_method, CallGate, Request, Responder};
+use super::calls::{self, one_reply_method, one_request, one_request_method, CallGate, Request, Responder};
 use super::encode::{self, deserialize_encoded, serialize_encoded, Encoded};
 use super::hub::{self, Caller, Hub};
 use super::pacer::{self, Pacing};
@@ -30,25 +30,23 @@ const fn prost<T: prost::Message + Default>() -> Marshaller<T> {
 
 const ENCODED: Marshaller<Encoded> = Marshaller { ser: serialize_encoded, de: deserialize_encoded };
 
-// Every method is registered as duplex, so that the call gate sees each call when its
-// headers arrive (see `calls`); those whose client sends one request are unary or
-// server-streaming on the wire as before.
-const JOIN: Method<Request<pb::JoinRequest>, pb::JoinReply> =
-    one_request_method("/chat.v1.Chat/Join", prost());
+// Every method is registered as client-streaming or duplex, so that the call gate sees each
+// call when its headers arrive (see `calls`): methods that are unary on the wire as
+// client-streaming, those that are server-streaming on the wire as duplex.
+const JOIN: Method<Request<pb::JoinRequest>, pb::JoinReply> = one_reply_method("/chat.v1.Chat/Join", prost());
 const HISTORY: Method<Request<pb::HistoryRequest>, pb::ChatMessage> =
     one_request_method("/chat.v1.Chat/History", prost());
 const CHAT: Method<pb::ClientFrame, Encoded> =
     Method { ty: MethodType::Duplex, name: "/chat.v1.Chat/Chat", req_mar: prost(), resp_mar: ENCODED };
-const SEND: Method<Request<pb::SendRequest>, pb::SendReply> =
-    one_request_method("/chat.v1.Chat/Send", prost());
+const SEND: Method<Request<pb::SendRequest>, pb::SendReply> = one_reply_method("/chat.v1.Chat/Send", prost());
 const SUBSCRIBE: Method<Request<pb::SubscribeRequest>, Encoded> =
     one_request_method("/chat.v1.Chat/Subscribe", ENCODED);
 const LEAVE: Method<Request<pb::LeaveRequest>, pb::LeaveReply> =
-    one_request_method("/chat.v1.Chat/Leave", prost());
+    one_reply_method("/chat.v1.Chat/Leave", prost());
 const LIST_ROOMS: Method<Request<pb::ListRoomsRequest>, pb::ListRoomsReply> =
-    one_request_method("/chat.v1.Chat/ListRooms", prost());
+    one_reply_method("/chat.v1.Chat/ListRooms", prost());
 const LIST_MEMBERS: Method<Request<pb::ListMembersRequest>, pb::ListMembersReply> =
-    one_request_method("/chat.v1.Chat/ListMembers", prost());
+    one_reply_method("/chat.v1.Chat/ListMembers", prost());
 
 /// Counts open streams, and `History` calls in progress, against the configured limit.
 pub struct StreamLimit {
@@ -192,28 +190,28 @@ impl ChatService {
         let (history, subscribe) = (self.clone(), self.clone());
         let (rooms, members) = (self.clone(), self.clone());
         ServiceBuilder::new()
-            .add_duplex_streaming_handler(&JOIN, self.unary(ChatService::join))
+            .add_client_streaming_handler(&JOIN, self.unary(ChatService::join))
             .add_duplex_streaming_handler(
                 &HISTORY,
                 one_request(&self.gate, move |peer, req, responder| history.history(&peer, req, responder)),
             )
             .add_duplex_streaming_handler(&CHAT, move |ctx, req, sink| chat.chat(ctx, req, sink))
-            .add_duplex_streaming_handler(&SEND, self.unary(ChatService::send))
+            .add_client_streaming_handler(&SEND, self.unary(ChatService::send))
             .add_duplex_streaming_handler(
                 &SUBSCRIBE,
                 one_request(&self.gate, move |peer, req, responder| {
                     subscribe.subscribe(&peer, req, responder)
                 }),
             )
-            .add_duplex_streaming_handler(&LEAVE, self.unary(ChatService::leave))
-            .add_duplex_streaming_handler(
+            .add_client_streaming_handler(&LEAVE, self.unary(ChatService::leave))
+            .add_client_streaming_handler(
                 &LIST_ROOMS,
                 one_request(&self.gate, move |peer, _req, responder| {
                     let reply = encode::rooms_reply(&rooms.hub.read(|b| b.rooms()));
                     rooms.reply_directory(&peer, "ListRooms", Ok(reply), responder)
                 }),
             )
-            .add_duplex_streaming_handler(
+            .add_client_streaming_handler(
                 &LIST_MEMBERS,
                 one_request(&self.gate, move |peer, req: pb::ListMembersRequest, responder| {
                     let reply = members.hub.read(|b| b.members(&req.room));
@@ -228,9 +226,10 @@ impl ChatService {
     fn unary<Req: Send + 'static, Resp: Send + 'static>(
         &self,
         handle: Unary<Req, Resp>,
-    ) -> impl FnMut(RpcContext, RequestStream<Request<Req>>, DuplexSink<Resp>) + Send + Clone + 'static {
+    ) -> impl FnMut(RpcContext, RequestStream<Request<Req>>, ClientStreamingSink<Resp>) + Send + Clone + 'static
+    {
         let service = self.clone();
-        one_request(&self.gate, move |peer, req, responder: Responder<Resp>| {
+        one_request(&self.gate, move |peer, req, responder: Responder<ClientStreamingSink<Resp>>| {
             responder.answer(handle(&service, &peer, req))
         })
     }
@@ -255,7 +254,7 @@ impl ChatService {
         &self,
         peer: &str,
         req: pb::HistoryRequest,
-        responder: Responder<pb::ChatMessage>,
+        responder: Responder<DuplexSink<pb::ChatMessage>>,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let limit = usize::try_from(req.limit).unwrap_or(usize::MAX);
         let found = self.hub.read(|b| b.history(&req.room, Seq(req.since_seq), limit));
@@ -303,7 +302,7 @@ impl ChatService {
         &self,
         peer: &str,
         req: pb::SubscribeRequest,
-        responder: Responder<Encoded>,
+        responder: Responder<DuplexSink<Encoded>>,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let (hub, pacing) = (Arc::clone(&self.hub), Arc::clone(&self.pacing));
         let connection = pacer::connection_key(peer);
@@ -349,7 +348,7 @@ impl ChatService {
         peer: &str,
         method: &str,
         reply: Result<T, RpcStatus>,
-        responder: Responder<T>,
+        responder: Responder<ClientStreamingSink<T>>,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let charged = reply.and_then(|reply| match self.replies.charge(reply.encoded_len()) {
             Some(charge) => Ok((reply, charge)),
