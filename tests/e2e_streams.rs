@@ -639,6 +639,35 @@ fn a_connection_that_grants_no_window_holds_at_most_its_share_of_calls_and_is_cl
     assert!(gets_in_soon(&client(&server.addr()), "after"), "the server goes on");
 }
 
+#[cfg(unix)]
+#[test]
+fn clients_on_a_unix_socket_are_each_held_to_their_own_connections_limit_not_to_one_shared() {
+    // C-core names every client of a Unix socket `unix:`, so the call gate cannot tell their
+    // connections apart; it must not count them as one. With a limit of 2 calls per
+    // connection the gate's count is 3: three clients with two streams each are six.
+    let dir = std::env::temp_dir().join(format!("grpc-chat-unix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory for the socket");
+    let listen = format!("unix:{}", dir.join("chat.sock").display());
+    let server = server(|c| {
+        c.listen = listen.clone();
+        c.max_calls_per_connection = Some(2);
+    });
+    assert_eq!(server.addr(), listen, "the address is the socket's");
+    let mut held = Vec::new();
+    for client_no in 0..3 {
+        let c = client(&server.addr());
+        for stream_no in 0..2 {
+            let (s, w) = ChatStream::join(&c, &format!("u{client_no}-{stream_no}"), "r");
+            assert_eq!(w.room, "r");
+            held.push(s);
+        }
+    }
+    assert_eq!(server.stats().streams, 6);
+    drop(held);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_connection_that_never_acknowledges_the_limit_is_held_to_it_and_to_the_metadata_limit_by_the_server() {
     use std::io::Write;

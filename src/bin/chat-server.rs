@@ -23,7 +23,7 @@ struct Args {
     #[arg(
         long,
         default_value = "127.0.0.1:50051",
-        help = "Address to listen on (use 0.0.0.0:50051 or [::]:50051 to accept remote clients)"
+        help = "Address to listen on (use 0.0.0.0:50051 or [::]:50051 to accept remote clients, unix:/run/chat.sock for a Unix socket)"
     )]
     listen: String,
     /// Messages retained per room and replayed to joining or resuming members.

@@ -57,7 +57,8 @@ impl CallGate {
 
     /// Lets the call in, or says why not: its metadata is over [`MAX_METADATA_BYTES`], or
     /// its connection (`peer`, as `ctx.peer()` names it) already has as many calls as the
-    /// gate allows.
+    /// gate allows. Calls over a Unix socket are not counted: C-core names every client of
+    /// one `unix:`, so their count would be one for all connections.
     pub fn admit(self: &Arc<Self>, ctx: &RpcContext, peer: &str) -> Result<Ticket, RpcStatus> {
         self.admit_from(peer, metadata_bytes(ctx))
     }
@@ -72,6 +73,9 @@ impl CallGate {
             );
             return Err(RpcStatus::with_message(RpcStatusCode::RESOURCE_EXHAUSTED, why));
         }
+        if !names_a_connection(peer) {
+            return Ok(Ticket { counted: None });
+        }
         let mut open = self.open.lock();
         let count = open.entry(peer.to_owned()).or_insert(0);
         if *count >= self.per_connection {
@@ -84,23 +88,31 @@ impl CallGate {
             return Err(RpcStatus::with_message(RpcStatusCode::RESOURCE_EXHAUSTED, why));
         }
         *count += 1;
-        Ok(Ticket { gate: Arc::clone(self), peer: peer.to_owned() })
+        Ok(Ticket { counted: Some((Arc::clone(self), peer.to_owned())) })
     }
+}
+
+/// Whether C-core's name for a call's peer tells its connection from others: an IP address
+/// with its port (`ipv4:127.0.0.1:50312`, `ipv6:[::1]:50312`) does; a Unix socket's
+/// (`unix:`) is the same for every client.
+fn names_a_connection(peer: &str) -> bool {
+    peer.starts_with("ipv4:") || peer.starts_with("ipv6:")
 }
 
 /// A call's place at the [`CallGate`], given back when dropped.
 pub struct Ticket {
-    gate: Arc<CallGate>,
-    peer: String,
+    /// The gate and the connection the call is counted against, if it is counted.
+    counted: Option<(Arc<CallGate>, String)>,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut open = self.gate.open.lock();
-        if let Some(count) = open.get_mut(&self.peer) {
+        let Some((gate, peer)) = &self.counted else { return };
+        let mut open = gate.open.lock();
+        if let Some(count) = open.get_mut(peer) {
             *count -= 1;
             if *count == 0 {
-                open.remove(&self.peer);
+                open.remove(peer);
             }
         }
     }
@@ -364,6 +376,19 @@ mod tests {
         drop((a2, a3, b));
         assert_eq!(gate.open(), 0);
         assert!(gate.open.lock().is_empty(), "a connection without calls is forgotten");
+    }
+
+    #[test]
+    fn calls_over_a_unix_socket_are_not_counted_since_its_clients_share_one_name() {
+        let gate = CallGate::new(1);
+        let calls: Vec<Ticket> =
+            (0..3).map(|_| gate.admit_from("unix:", 100).expect("not counted")).collect();
+        assert_eq!(gate.open(), 0);
+        let refused = gate.admit_from("unix:", MAX_METADATA_BYTES + 1).err().expect("metadata still checked");
+        assert_eq!(refused.code(), RpcStatusCode::RESOURCE_EXHAUSTED);
+        let _ip = gate.admit_from("ipv6:[::1]:1000", 100).expect("a place");
+        assert!(gate.admit_from("ipv6:[::1]:1000", 100).is_err(), "IPv6 connections are counted");
+        drop(calls);
     }
 
     #[test]

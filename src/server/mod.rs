@@ -226,8 +226,13 @@ impl ChatServer {
             },
         )?;
         server.start();
-        let host = config.listen.rsplit_once(':').map_or(config.listen.as_str(), |(h, _)| h);
-        let addr = format!("{host}:{port}");
+        let addr = if config.listen.starts_with("unix:") || config.listen.starts_with("unix-abstract:") {
+            // A Unix socket has no port (grpcio reports 1).
+            config.listen.clone()
+        } else {
+            let host = config.listen.rsplit_once(':').map_or(config.listen.as_str(), |(h, _)| h);
+            format!("{host}:{port}")
+        };
         info!("chat server listening on {addr}");
         Ok(ChatServer {
             server: Some(server),
@@ -241,12 +246,13 @@ impl ChatServer {
         })
     }
 
-    /// The address clients connect to, with the bound port (`127.0.0.1:PORT`).
+    /// The address clients connect to, with the bound port (`127.0.0.1:PORT`), or the
+    /// Unix socket as given (`unix:/run/chat.sock`).
     pub fn addr(&self) -> String {
         self.addr.clone()
     }
 
-    /// The bound port.
+    /// The bound port (0 for a Unix socket).
     pub fn port(&self) -> u16 {
         self.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(0)
     }
