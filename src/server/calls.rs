@@ -148,32 +148,19 @@ fn encode_request<T: prost::Message>(
     }
 }
 
-/// The descriptor of a method whose client sends one request and gets one reply (unary on
-/// the wire), registered as client-streaming.
-pub const fn one_reply_method<Req, Resp>(
-    name: &'static str,
-    resp: Marshaller<Resp>,
-) -> Method<Request<Req>, Resp>
-where
-    Req: prost::Message + Default,
-{
-    request_method(MethodType::ClientStreaming, name, resp)
+/// How many replies a method whose client sends one request answers with, which decides
+/// how it is registered.
+pub enum Replies {
+    /// One (unary on the wire): registered as client-streaming, whose sink sends the reply
+    /// and the status in one batch.
+    One,
+    /// A stream (server-streaming on the wire): registered as duplex.
+    Stream,
 }
 
-/// The descriptor of a method whose client sends one request and gets a stream of replies
-/// (server-streaming on the wire), registered as duplex.
+/// The descriptor of a method whose client sends one request.
 pub const fn one_request_method<Req, Resp>(
-    name: &'static str,
-    resp: Marshaller<Resp>,
-) -> Method<Request<Req>, Resp>
-where
-    Req: prost::Message + Default,
-{
-    request_method(MethodType::Duplex, name, resp)
-}
-
-const fn request_method<Req, Resp>(
-    ty: MethodType,
+    replies: Replies,
     name: &'static str,
     resp: Marshaller<Resp>,
 ) -> Method<Request<Req>, Resp>
@@ -181,7 +168,10 @@ where
     Req: prost::Message + Default,
 {
     Method {
-        ty,
+        ty: match replies {
+            Replies::One => MethodType::ClientStreaming,
+            Replies::Stream => MethodType::Duplex,
+        },
         name,
         req_mar: Marshaller { ser: encode_request::<Req>, de: decode_request::<Req> },
         resp_mar: resp,

@@ -14,13 +14,13 @@ use grpcio_health::proto::ServingStatus;
 use grpcio_health::proto::{HealthCheckRequest, HealthCheckResponse};
 use parking_lot::Mutex;
 
-use super::calls::{one_reply_method, one_request, one_request_method, CallGate, Request, Responder};
+use super::calls::{one_request, one_request_method, CallGate, Replies, Request, Responder};
 
 const PROST: Marshaller<HealthCheckResponse> = Marshaller { ser: grpcio::pr_ser, de: grpcio::pr_de };
 const CHECK: Method<Request<HealthCheckRequest>, HealthCheckResponse> =
-    one_reply_method("/grpc.health.v1.Health/Check", PROST);
+    one_request_method(Replies::One, "/grpc.health.v1.Health/Check", PROST);
 const WATCH: Method<Request<HealthCheckRequest>, HealthCheckResponse> =
-    one_request_method("/grpc.health.v1.Health/Watch", PROST);
+    one_request_method(Replies::Stream, "/grpc.health.v1.Health/Watch", PROST);
 
 /// The serving status of each service name, and the `Watch` calls to tell of changes.
 #[derive(Default)]

@@ -16,7 +16,7 @@ use grpcio::{
 use log::{error, info, warn};
 use parking_lot::Mutex;
 
-use super::calls::{self, one_reply_method, one_request, one_request_method, CallGate, Request, Responder};
+use super::calls::{self, one_request, one_request_method, CallGate, Replies, Request, Responder};
 use super::encode::{self, deserialize_encoded, serialize_encoded, Encoded};
 use super::hub::{self, Caller, Hub};
 use super::pacer::{self, Pacing};
@@ -33,20 +33,22 @@ const ENCODED: Marshaller<Encoded> = Marshaller { ser: serialize_encoded, de: de
 // Every method is registered as client-streaming or duplex, so that the call gate sees each
 // call when its headers arrive (see `calls`): methods that are unary on the wire as
 // client-streaming, those that are server-streaming on the wire as duplex.
-const JOIN: Method<Request<pb::JoinRequest>, pb::JoinReply> = one_reply_method("/chat.v1.Chat/Join", prost());
+const JOIN: Method<Request<pb::JoinRequest>, pb::JoinReply> =
+    one_request_method(Replies::One, "/chat.v1.Chat/Join", prost());
 const HISTORY: Method<Request<pb::HistoryRequest>, pb::ChatMessage> =
-    one_request_method("/chat.v1.Chat/History", prost());
+    one_request_method(Replies::Stream, "/chat.v1.Chat/History", prost());
 const CHAT: Method<pb::ClientFrame, Encoded> =
     Method { ty: MethodType::Duplex, name: "/chat.v1.Chat/Chat", req_mar: prost(), resp_mar: ENCODED };
-const SEND: Method<Request<pb::SendRequest>, pb::SendReply> = one_reply_method("/chat.v1.Chat/Send", prost());
+const SEND: Method<Request<pb::SendRequest>, pb::SendReply> =
+    one_request_method(Replies::One, "/chat.v1.Chat/Send", prost());
 const SUBSCRIBE: Method<Request<pb::SubscribeRequest>, Encoded> =
-    one_request_method("/chat.v1.Chat/Subscribe", ENCODED);
+    one_request_method(Replies::Stream, "/chat.v1.Chat/Subscribe", ENCODED);
 const LEAVE: Method<Request<pb::LeaveRequest>, pb::LeaveReply> =
-    one_reply_method("/chat.v1.Chat/Leave", prost());
+    one_request_method(Replies::One, "/chat.v1.Chat/Leave", prost());
 const LIST_ROOMS: Method<Request<pb::ListRoomsRequest>, pb::ListRoomsReply> =
-    one_reply_method("/chat.v1.Chat/ListRooms", prost());
+    one_request_method(Replies::One, "/chat.v1.Chat/ListRooms", prost());
 const LIST_MEMBERS: Method<Request<pb::ListMembersRequest>, pb::ListMembersReply> =
-    one_reply_method("/chat.v1.Chat/ListMembers", prost());
+    one_request_method(Replies::One, "/chat.v1.Chat/ListMembers", prost());
 
 /// Counts open streams, and `History` calls in progress, against the configured limit.
 pub struct StreamLimit {
