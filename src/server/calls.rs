@@ -57,8 +57,8 @@ impl CallGate {
 
     /// Lets the call in, or says why not: its metadata is over [`MAX_METADATA_BYTES`], or
     /// its connection (`peer`, as `ctx.peer()` names it) already has as many calls as the
-    /// gate allows. Calls over a Unix socket are not counted: C-core names every client of
-    /// one `unix:`, so their count would be one for all connections.
+    /// gate allows. Calls over a Unix socket are not counted: C-core gives every client of
+    /// a Unix socket the same name, `unix:`, so one count would cover all its connections.
     pub fn admit(self: &Arc<Self>, ctx: &RpcContext, peer: &str) -> Result<Ticket, RpcStatus> {
         self.admit_from(peer, metadata_bytes(ctx))
     }
