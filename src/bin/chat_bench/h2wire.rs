@@ -190,6 +190,11 @@ impl H2Conns {
         threads: usize,
         poll: Duration,
     ) -> Result<H2Conns, String> {
+        if addr.starts_with("unix:") {
+            return Err(format!(
+                "--receivers h2 connects over TCP only, not to {addr}; give the server's host:port"
+            ));
+        }
         let sa = addr
             .to_socket_addrs()
             .map_err(|e| format!("cannot resolve {addr}: {e}"))?
