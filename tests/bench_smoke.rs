@@ -3,67 +3,15 @@
 //! `--in-process`), checking the exit status and the verification figures of the JSON
 //! report. No speed is asserted.
 
-use std::process::{Command, Output};
+use std::process::Command;
 
 use grpc_chat::server::{ChatServer, ServerConfig};
 
+mod benchrun;
 #[cfg(target_os = "linux")]
 mod procfs;
 
-fn bench(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_chat-bench"))
-        .args(args)
-        .args(["--json", "--quiet", "--timeout-secs", "20"])
-        .output()
-        .expect("chat-bench runs")
-}
-
-/// Every number that follows `"key": ` in the report (nested objects included).
-fn values(json: &str, key: &str) -> Vec<i64> {
-    let pat = format!("\"{key}\": ");
-    json.match_indices(&pat)
-        .map(|(at, _)| {
-            let rest = &json[at + pat.len()..];
-            let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '-')).unwrap_or(rest.len());
-            rest[..end].parse().unwrap_or_else(|_| panic!("{key} is not an integer in {json}"))
-        })
-        .collect()
-}
-
-/// The number that follows `"key": ` (once in the report), as a float.
-fn float(json: &str, key: &str) -> f64 {
-    let pat = format!("\"{key}\": ");
-    let at = json.find(&pat).unwrap_or_else(|| panic!("no {key:?} in {json}"));
-    let rest = &json[at + pat.len()..];
-    let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
-    rest[..end].parse().unwrap_or_else(|_| panic!("{key} is not a number in {json}"))
-}
-
-fn one(json: &str, key: &str) -> i64 {
-    let v = values(json, key);
-    assert_eq!(v.len(), 1, "expected exactly one {key:?} in {json}");
-    v[0]
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let out = bench(args);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "chat-bench {args:?} failed with {}:\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-fn assert_verified(json: &str) {
-    for key in ["lost", "duplicates", "reordered", "cut_off", "protocol_errors"] {
-        let v = values(json, key);
-        assert!(!v.is_empty(), "no {key:?} in {json}");
-        assert!(v.iter().all(|&n| n == 0), "{key} should be 0 in {json}");
-    }
-}
+use benchrun::{assert_verified, bench, float, one, run_ok, values};
 
 #[test]
 fn fanout_delivers_everything_in_order() {
@@ -161,6 +109,12 @@ fn streams_past_the_limit_are_refused() {
     assert_eq!(one(&json, "accepted"), 20);
     assert_eq!(one(&json, "refused"), 10);
     assert_eq!(one(&json, "RESOURCE_EXHAUSTED"), 10);
+    // The status message comes with the code, so the report says why without the server's log.
+    let messages = &json[json.find("\"refused_messages\": {").expect("a refused_messages object")..];
+    assert!(
+        messages.starts_with("\"refused_messages\": {\n    \"RESOURCE_EXHAUSTED\": \"RpcFailure: 8-"),
+        "{json}"
+    );
 }
 
 #[test]
