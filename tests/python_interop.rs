@@ -162,12 +162,13 @@ fn chat_bench_says_how_many_streams_a_python_server_left_unanswered() {
         return;
     };
     let server = PythonServer::start(&python, 4, "pool");
-    let out = bench_waiting(&["--server", &server.addr, "streams", "--streams", "6", "--hold-secs", "0"], 3);
+    // The wait is generous so that a slow machine still welcomes the first four in it.
+    let out = bench_waiting(&["--server", &server.addr, "streams", "--streams", "6", "--hold-secs", "0"], 10);
     let json = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{json}\n{stderr}");
     assert_eq!(one(&json, "accepted"), 4, "{json}");
     assert_eq!(one(&json, "unsettled"), 2, "{json}");
     assert_eq!(one(&json, "held_to_the_end"), 4, "{json}");
-    assert!(stderr.contains("2 of 6 streams had neither a welcome nor an error after 3 s"), "{stderr}");
+    assert!(stderr.contains("2 of 6 streams had neither a welcome nor an error after 10 s"), "{stderr}");
 }
