@@ -172,9 +172,21 @@ pub struct Hub {
 /// thread, are system calls; they are kept out of the critical section).
 pub type Wakes = Vec<Arc<StreamShared>>;
 
+/// From this many idle streams woken by one input on, a thread of ours writes the first
+/// half of them and hands the rest to the pacer thread, so that the two halves go out on
+/// two cores at once instead of one after the other.
+pub const SHARED_IDLE_WRITES: usize = 128;
+
 /// Starts the writes of the idle streams routing woke, after the hub's lock.
 fn start_writes(wakes: &Wakes, caller: Caller) {
-    wakes.iter().for_each(|s| s.start_write(caller));
+    let own = match caller {
+        Caller::Own if wakes.len() >= SHARED_IDLE_WRITES => wakes.len().div_ceil(2),
+        Caller::Own => wakes.len(),
+        Caller::Handler => 0,
+    };
+    let (now, soon) = wakes.split_at(own);
+    soon.iter().for_each(|s| s.start_write(Caller::Handler));
+    now.iter().for_each(|s| s.start_write(Caller::Own));
 }
 
 impl Hub {
@@ -387,5 +399,73 @@ pub fn log_result(what: &str, result: &Result<Accepted, Rejection>) {
         Ok(Accepted::Posted(p)) => debug!("{what}: seq {} relayed to {} streams", p.seq, p.recipients),
         Ok(_) => {}
         Err(rejection) => debug!("{what}: rejected: {rejection}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{BrokerConfig, Epoch, Seq, Token};
+    use std::sync::atomic::AtomicUsize;
+
+    /// How many idle streams' writes were started on the calling thread, and how many
+    /// were handed to the pacer.
+    #[derive(Default)]
+    struct Started {
+        now: AtomicUsize,
+        soon: AtomicUsize,
+    }
+
+    struct Recorder(Arc<Started>);
+
+    impl IdleWriter for Recorder {
+        fn write_now(self: Arc<Self>) {
+            self.0.now.fetch_add(1, Ordering::SeqCst);
+        }
+        fn write_soon(self: Arc<Self>) {
+            self.0.soon.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Posts one message, from `caller`, to a room with `listeners` idle streams; returns
+    /// the writes started (now, handed to the pacer).
+    fn post_to_idle_streams(listeners: usize, caller: Caller) -> (usize, usize) {
+        let hub = Hub::start(Broker::new(BrokerConfig::default(), 1), 1000).expect("the timer thread starts");
+        let token = Token::from_entropy([7; 16]);
+        let session = token.as_str().to_string();
+        hub.input(Input::Join { user: "poster".into(), room: "r".into(), token }).expect("joined");
+        let started = Arc::new(Started::default());
+        let mut streams = Vec::new();
+        for _ in 0..listeners {
+            let (shared, rx) = hub.open_stream().expect("a stream");
+            let listen = Input::Subscribe {
+                conn: shared.conn(),
+                session: String::new(),
+                room: "r".into(),
+                since: Seq(0),
+                epoch: Epoch(0),
+            };
+            hub.input(listen).expect("listening");
+            rx.try_iter().for_each(drop); // the welcome
+            let writer: Arc<dyn IdleWriter> = Arc::new(Recorder(Arc::clone(&started)));
+            shared.set_writer(Arc::downgrade(&writer));
+            shared.set_idle(true);
+            streams.push((shared, rx, writer));
+        }
+        let send = Input::Send { session, text: "hello".into(), client_msg_id: String::new(), sent_at_ms: 0 };
+        hub.input_from(caller, send).expect("posted");
+        for (_, rx, _) in &streams {
+            assert_eq!(rx.try_iter().count(), 1, "every listener got the message");
+        }
+        (started.now.load(Ordering::SeqCst), started.soon.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn a_message_to_many_idle_streams_is_written_half_by_its_sender_and_half_by_the_pacer() {
+        assert_eq!(post_to_idle_streams(SHARED_IDLE_WRITES - 1, Caller::Own), (SHARED_IDLE_WRITES - 1, 0));
+        assert_eq!(post_to_idle_streams(SHARED_IDLE_WRITES, Caller::Own), (64, 64));
+        assert_eq!(post_to_idle_streams(301, Caller::Own), (151, 150));
+        // A gRPC handler writes none itself.
+        assert_eq!(post_to_idle_streams(301, Caller::Handler), (0, 301));
     }
 }
