@@ -6,9 +6,10 @@ write, one lock for everything.
 to work against a server that speaks chat.v1 but is not this crate's: no batches, no
 presence limit of ours, its own status texts. It keeps the rules the contract states:
 consecutive `seq`s per room in every member's order, history replayed after `since_seq`,
-a member's own posts echoed to it, `client_msg_id` idempotent on `Send`, the statuses of
-DESIGN.md section 5. It leaves out rate limits, send-queue limits and the resume grace: a
-session ends with its stream (or with `Leave`; one from `Join` lives until it attaches).
+a member's own posts echoed to it, `client_msg_id` idempotent on `Send`, most statuses of
+DESIGN.md section 5 (a session that has left is simply unknown: NOT_FOUND). It leaves out
+rate limits, send-queue limits and the resume grace: a session ends with its stream (or
+with `Leave`; one from `Join` lives until it attaches).
 
 Usage: python_server.py PROTO_DIR OUT_DIR [WORKERS]
 Listens on 127.0.0.1 on a free port, prints `LISTENING <port>` when ready, and serves
