@@ -10,7 +10,10 @@
 //! gets batches large enough to keep up. A sample over [`SATURATED`] cuts a quarter at
 //! once: a burst after a quiet spell finds the budget at its highest, and must not fall
 //! behind while it comes down. Measured in BENCHMARKS.md ("An adaptive write budget").
-//! Where the CPU times cannot be read the budget stays at its lowest, and is not sampled again.
+//! A new server is a server after a quiet spell: its budget starts at the highest, where an
+//! idle machine's samples would take it within two seconds anyway ("The budget starts at
+//! its highest"). Where the CPU times cannot be read the budget falls to its lowest at the
+//! first sample, and is not sampled again.
 
 use std::fmt;
 use std::str::FromStr;
@@ -35,9 +38,9 @@ pub const WRITES_PER_THREAD: u32 = 40_000;
 /// Writes per second over all streams: `min == max` is a fixed budget, `0` no pacing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WriteBudget {
-    /// Where the budget starts, and the least it is cut to.
+    /// The least it is cut to (and where it stays if the CPU times cannot be read).
     pub min: u32,
-    /// The most it is raised to.
+    /// Where it starts, and the most it is raised to.
     pub max: u32,
 }
 
@@ -144,9 +147,11 @@ pub struct Governor {
 }
 
 impl Governor {
-    /// A governor at the budget's lowest.
+    /// A governor at the budget's highest: a new server has had no load, and samples on an
+    /// idle machine would raise it there within two seconds (from the lowest, 35 k, to
+    /// 100 k takes 18 samples); a load that arrives at once cuts it within a few samples.
     pub fn new(budget: WriteBudget) -> Governor {
-        Governor { budget, now: budget.min, last: None, average: None, blind: false }
+        Governor { budget, now: budget.max, last: None, average: None, blind: false }
     }
 
     /// Writes per second allowed now.
@@ -169,7 +174,7 @@ impl Governor {
     /// a quarter if the CPUs were over [`SATURATED`] percent busy since the last sample;
     /// else raised by a sixteenth if their average is under [`RAISE_BELOW`], cut by an
     /// eighth if over [`CUT_ABOVE`], the same otherwise (and on the first sample, or when
-    /// the counters did not move). `None` (no CPU times to read) leaves the budget at its
+    /// the counters did not move). `None` (no CPU times to read) puts the budget at its
     /// lowest for good, and [`Governor::takes_samples`] false.
     pub fn handle_sample(&mut self, times: Option<CpuTimes>) -> u32 {
         let Some(times) = times.filter(|_| !self.blind) else {
@@ -235,20 +240,31 @@ mod tests {
     }
 
     #[test]
-    fn the_budget_rises_while_the_cpus_have_time_to_spare_and_falls_when_they_do_not() {
+    fn the_budget_starts_at_its_highest_falls_when_the_cpus_are_busy_and_rises_when_they_are_not() {
         let budget = WriteBudget { min: 35_000, max: 100_000 };
         let mut governor = Governor::new(budget);
+        assert_eq!(governor.writes_per_second(), 100_000, "a new server starts at the top");
+        assert!(governor.takes_samples() && !governor.may_rise(), "at the top, samples can only cut it");
         let mut times = CpuTimes { busy: 1000, total: 5000 };
-        assert_eq!(governor.handle_sample(Some(times)), 35_000, "nothing to compare the first sample with");
+        assert_eq!(governor.handle_sample(Some(times)), 100_000, "nothing to compare the first sample with");
+        // Saturated: a quarter each sample, to the least.
         let mut seen = Vec::new();
+        for _ in 0..5 {
+            times = after(times, 95, 20);
+            seen.push(governor.handle_sample(Some(times)));
+        }
+        assert_eq!(seen, [75_000, 56_250, 42_188, 35_000, 35_000], "down by a quarter, to the least");
+        assert!(governor.may_rise());
+        // Half busy: the average (95 before) is 72 after the first sample, then under 70.
+        seen.clear();
         for _ in 0..20 {
             times = after(times, 50, 20);
             seen.push(governor.handle_sample(Some(times)));
         }
-        assert_eq!(seen[..4], [37_187, 39_511, 41_980, 44_603], "up by a sixteenth");
+        assert_eq!(seen[..5], [35_000, 37_187, 39_511, 41_980, 44_603], "then up by a sixteenth");
         assert!(seen.windows(2).all(|w| w[0] < w[1] || w[1] == 100_000), "{seen:?}");
-        assert_eq!(seen[16..], [98_083, 100_000, 100_000, 100_000], "to the most");
-        assert!(governor.takes_samples() && !governor.may_rise(), "at the top, samples can only cut it");
+        assert_eq!(seen[17..], [98_083, 100_000, 100_000], "to the most");
+        assert!(!governor.may_rise());
         // Busier: the average (50 before) crosses 80 on the fourth sample.
         seen.clear();
         for _ in 0..5 {
@@ -260,28 +276,21 @@ mod tests {
             [100_000, 100_000, 100_000, 87_500, 76_563],
             "averages 67, 76, 80, then 82: down by an eighth"
         );
-        // Saturated: a quarter each sample, to the least.
-        seen.clear();
-        for _ in 0..4 {
-            times = after(times, 95, 20);
-            seen.push(governor.handle_sample(Some(times)));
-        }
-        assert_eq!(seen, [57_423, 43_068, 35_000, 35_000], "down by a quarter, to the least");
-        assert_eq!(governor.handle_sample(Some(times)), 35_000, "counters that did not move change nothing");
-        assert_eq!(governor.writes_per_second(), 35_000);
-        assert!(governor.may_rise());
+        assert_eq!(governor.handle_sample(Some(times)), 76_563, "counters that did not move change nothing");
+        assert_eq!(governor.writes_per_second(), 76_563);
     }
 
     #[test]
-    fn without_cpu_times_the_budget_stays_at_its_lowest_and_takes_no_more_samples() {
+    fn without_cpu_times_the_budget_falls_to_its_lowest_and_takes_no_more_samples() {
         let mut governor = Governor::new(WriteBudget { min: 35_000, max: 100_000 });
         let mut times = CpuTimes { busy: 0, total: 0 };
         for _ in 0..4 {
             times = after(times, 10, 100);
             governor.handle_sample(Some(times));
         }
-        assert!(governor.writes_per_second() > 35_000 && governor.may_rise());
-        assert_eq!(governor.handle_sample(None), 35_000, "back to the lowest");
+        assert_eq!(governor.writes_per_second(), 100_000);
+        assert!(governor.takes_samples());
+        assert_eq!(governor.handle_sample(None), 35_000, "down to the lowest");
         assert!(!governor.takes_samples() && !governor.may_rise(), "an idle pacer need not wake for samples");
         times = after(times, 10, 100);
         assert_eq!(governor.handle_sample(Some(times)), 35_000, "later times are not used");
@@ -294,7 +303,7 @@ mod tests {
         governor.handle_sample(Some(times));
         for percent in [75, 72, 78, 75, 79, 71] {
             times = after(times, percent, 100);
-            assert_eq!(governor.handle_sample(Some(times)), 10_000, "{percent} % busy");
+            assert_eq!(governor.handle_sample(Some(times)), 90_000, "{percent} % busy");
         }
     }
 

@@ -196,10 +196,11 @@ impl Pacing {
         max: Duration,
         threads: usize,
     ) -> std::io::Result<Arc<Pacing>> {
+        let governor = Governor::new(budget);
         let pacing = Arc::new(Pacing {
             streams,
             budget,
-            writes_per_second: AtomicU32::new(budget.min),
+            writes_per_second: AtomicU32::new(governor.writes_per_second()),
             max,
             epoch: Instant::now(),
             busy: Mutex::new(Walk::default()),
@@ -226,7 +227,7 @@ impl Pacing {
             let handle = thread::Builder::new()
                 .name("chat-pacer".into())
                 .stack_size(256 * 1024)
-                .spawn(move || run(weak, Governor::new(budget)))?;
+                .spawn(move || run(weak, governor))?;
             let _ = pacing.thread.set(handle.thread().clone());
         }
         Ok(pacing)
