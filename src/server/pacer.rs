@@ -601,6 +601,22 @@ mod tests {
     }
 
     #[test]
+    fn a_new_pacer_starts_at_the_top_of_a_budget_range() {
+        if !std::path::Path::new("/proc/stat").exists() {
+            return; // without CPU times the first sample puts the budget at its lowest
+        }
+        let streams = StreamLimit::new(2000);
+        let held: Vec<_> = (0..1000).map(|_| streams.acquire().expect("under the limit")).collect();
+        let budget = WriteBudget { min: 35_000, max: 100_000 };
+        let pacing =
+            Pacing::start(Arc::clone(&streams), budget, 50 * MS, 1).expect("the pacer thread starts");
+        assert_eq!(pacing.writes_per_second(), 100_000, "not the lowest, 35 k");
+        assert_eq!(pacing.interval(), 10 * MS, "1000 open streams at 100 k writes/s");
+        drop(held);
+        assert_eq!(pacing.interval(), Duration::ZERO, "no stream open");
+    }
+
+    #[test]
     fn a_stream_still_writing_at_its_turn_is_looked_at_again_on_the_next_tick_only() {
         // Unpaced, so no thread runs: the test serves the ticks itself.
         let pacing = Pacing::start(StreamLimit::new(10), WriteBudget::fixed(0), 50 * MS, 1)
