@@ -87,8 +87,9 @@ struct Args {
     shutdown_grace: f64,
     /// Writes per second over all streams: N (fixed; 0 = unpaced) or MIN..MAX, a range
     /// the budget moves in with the machine's load (it starts at MAX; up while the CPUs
-    /// are under 70 % busy, down while over 80 %). A busy stream writes about once per (open streams / budget),
-    /// on shared ticks, batching what queued meanwhile; an idle stream writes at once.
+    /// are under 70 % busy, down while over 80 %). A busy stream writes about once per
+    /// (open streams / budget), on shared ticks, batching what queued meanwhile; an idle
+    /// stream writes at once.
     /// Fewer, larger writes trade a little latency for much more fan-out.
     #[arg(long, default_value_t = WriteBudget::default())]
     writes_per_second: WriteBudget,

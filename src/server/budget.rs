@@ -301,9 +301,14 @@ mod tests {
         let mut governor = Governor::new(WriteBudget { min: 10_000, max: 90_000 });
         let mut times = CpuTimes { busy: 0, total: 0 };
         governor.handle_sample(Some(times));
+        // Away from both ends first, so that a rise or a cut would show.
+        times = after(times, 95, 100);
+        assert_eq!(governor.handle_sample(Some(times)), 67_500, "saturated: down by a quarter");
+        times = after(times, 65, 100);
+        assert_eq!(governor.handle_sample(Some(times)), 67_500, "average 80: not over it");
         for percent in [75, 72, 78, 75, 79, 71] {
             times = after(times, percent, 100);
-            assert_eq!(governor.handle_sample(Some(times)), 90_000, "{percent} % busy");
+            assert_eq!(governor.handle_sample(Some(times)), 67_500, "{percent} % busy");
         }
     }
 
